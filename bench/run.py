@@ -1,0 +1,550 @@
+"""meshdns vs dnsmasq vs unbound (vs a dnslib baseline): one command, one table.
+
+    python3 bench/run.py [--quick] [--servers meshdns,dnsmasq,unbound,dnslib]
+                         [--workloads hot,cold,large,large-edns,tcp] [--seconds 10] ...
+
+See bench/README.md. Everything runs on 127.0.0.1: each server pinned to one CPU, dnsperf (and
+the latency pass) pinned to the other, one server at a time, a fresh server process for each
+workload. Writes bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import servers as srv
+import zone as zonemod
+
+BENCH_DIR = Path(__file__).resolve().parent
+ALL_SERVERS = ["meshdns", "dnsmasq", "unbound", "dnslib"]
+ALL_WORKLOADS = ["hot", "cold", "large", "large-edns", "tcp"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    queries: str  # query file key
+    zone: str  # "small" or "cold"
+    dnsperf_args: tuple[str, ...] = ()
+    once: bool = False  # one pass through the file: every query different
+    tcp: bool = False
+    edns: int = 0
+    about: str = ""
+
+
+WORKLOADS = {
+    "hot": Workload("hot", "hot", "small",
+                    about="40% svc A, 15% SRV, 20% virtual A, 20% node A, 5% NXDOMAIN; UDP"),
+    "cold": Workload("cold", "cold", "cold", ("-n", "1"), once=True,
+                     about="each of N distinct services asked once (A); UDP"),
+    "large": Workload("large", "large", "small",
+                      about="SRV of 20-instance services, no EDNS (512-byte UDP)"),
+    "large-edns": Workload("large-edns", "large", "small", ("-e",), edns=4096,
+                           about="SRV of 20-instance services, EDNS0"),
+    "tcp": Workload("tcp", "hot", "small", ("-m", "tcp"), tcp=True,
+                    about="the hot mix over TCP (4 connections)"),
+}
+
+
+@dataclass
+class Row:
+    workload: str
+    server: str
+    error: str = ""
+    qps: float | None = None
+    sent: int | None = None
+    completed: int | None = None
+    lost: int | None = None
+    mean_ms: float | None = None
+    stddev_ms: float | None = None
+    max_ms: float | None = None
+    resp_bytes: int | None = None
+    rcodes: dict[str, float] = field(default_factory=dict)
+    server_cpu_pct: float | None = None
+    client_cpu_pct: float | None = None
+    bg_cpu_pct: float | None = None  # CPU used by everything else on the machine meanwhile
+    p99_bg_cpu_pct: float | None = None
+    repeats: list[dict] = field(default_factory=list)
+    rss_mb: float | None = None
+    hwm_mb: float | None = None
+    ready_s: float | None = None
+    p99_ms: float | None = None
+    p50_ms: float | None = None
+    p99_mean_ms: float | None = None
+    p99_rate: int | None = None
+    p99_lost: int | None = None
+    p99_tool: str = ""
+    exit_code: int | None = None
+    check_problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    meshdns_qps_ratio: float | None = None
+    meshdns_p99_ratio: float | None = None
+
+
+# --- dnsperf ------------------------------------------------------------------------------------
+
+_STATS = {
+    "sent": r"Queries sent:\s+(\d+)",
+    "completed": r"Queries completed:\s+(\d+)",
+    "lost": r"Queries lost:\s+(\d+)",
+    "qps": r"Queries per second:\s+([\d.]+)",
+    "mean_s": r"Average Latency \(s\):\s+([\d.]+)",
+    "max_s": r"Average Latency \(s\):\s+[\d.]+ \(min [\d.]+, max ([\d.]+)\)",
+    "stddev_s": r"Latency StdDev \(s\):\s+([\d.]+)",
+    "resp_bytes": r"Average packet size:\s+request \d+, response (\d+)",
+    "run_s": r"Run time \(s\):\s+([\d.]+)",
+}
+
+
+def parse_dnsperf(text: str) -> dict:
+    out: dict = {}
+    for key, pattern in _STATS.items():
+        match = re.search(pattern, text)
+        if match:
+            out[key] = float(match.group(1))
+    match = re.search(r"Response codes:\s+(.*)", text)
+    if match:
+        out["rcodes"] = {
+            code: float(pct) for code, pct in re.findall(r"(\w+) \d+ \(([\d.]+)%\)", match.group(1))
+        }
+    out["latencies"] = [float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", text, re.MULTILINE)]
+    return out
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    rank = max(1, round(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def dnsperf(args, port: int, qfile: Path, wl: Workload, seconds: float, out: Path,
+            rate: int = 0, verbose: bool = False) -> dict:
+    command = [
+        "taskset", "-c", args.client_cpu, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
+        "-d", str(qfile), "-c", str(args.clients), "-q", str(args.outstanding),
+        "-l", f"{seconds:g}", "-t", f"{args.query_timeout:g}", *wl.dnsperf_args,
+    ]
+    if rate:
+        command += ["-Q", str(rate)]
+    if verbose:
+        command.append("-v")
+    with open(out, "wb") as fh:
+        fh.write((" ".join(command) + "\n").encode())
+        fh.flush()
+        done = subprocess.run(command, check=False, stdout=fh, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=seconds + args.query_timeout + 60)
+    text = out.read_text(errors="replace")
+    if done.returncode != 0:
+        raise RuntimeError(f"dnsperf exited {done.returncode}: {text[-600:]}")
+    stats = parse_dnsperf(text)
+    if "qps" not in stats:
+        raise RuntimeError(f"could not parse dnsperf output {out}")
+    return stats
+
+
+def latency_pass(args, running: srv.Running, qfile: Path, wl: Workload, rate: int,
+                 out: Path) -> dict:
+    """p50/p99/mean at a fixed rate: dnsperf -v (default) or bench/latency.py."""
+    if args.p99_tool == "dnsperf":
+        stats = dnsperf(args, running.port, qfile, wl, args.latency_seconds, out, rate=rate,
+                        verbose=True)
+        lat = sorted(stats["latencies"])
+        return {
+            "p50_ms": _ms(percentile(lat, 50)),
+            "p99_ms": _ms(percentile(lat, 99)),
+            "mean_ms": _ms(sum(lat) / len(lat)) if lat else None,
+            "lost": int(stats.get("lost", 0)),
+        }
+    command = [
+        "taskset", "-c", args.client_cpu, sys.executable, str(BENCH_DIR / "latency.py"),
+        "--server", f"127.0.0.1:{running.port}", "--file", str(qfile), "--rate", str(rate),
+        "--seconds", f"{args.latency_seconds:g}", "--timeout", f"{args.query_timeout:g}",
+    ]
+    if wl.once:
+        with open(qfile) as fh:
+            command += ["--count", str(sum(1 for _ in fh))]
+    if wl.tcp:
+        command.append("--tcp")
+    if wl.edns:
+        command += ["--edns", str(wl.edns)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True,
+                          timeout=args.latency_seconds + args.query_timeout + 60)
+    out.write_text(" ".join(command) + "\n" + done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"latency.py exited {done.returncode}: {done.stderr[-600:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {k: result[k] for k in ("p50_ms", "p99_ms", "mean_ms", "lost")}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_snapshot(pid: int) -> tuple[float, float, float, float]:
+    return (time.monotonic(), srv.cpu_seconds(pid), _children_cpu(), srv.system_busy_seconds())
+
+
+def _cpu_since(before: tuple[float, float, float, float], pid: int) -> tuple[float, ...]:
+    """(server, client, background) CPU% since `before`; background is everything else that
+    ran on the machine meanwhile (other users' work, steal): when it is high, the run is noisy."""
+    t1, server1, client1, busy1 = _cpu_snapshot(pid)
+    t0, server0, client0, busy0 = before
+    wall = max(t1 - t0, 1e-6)
+    server, client = server1 - server0, client1 - client0
+    background = max(0.0, (busy1 - busy0) - server - client)
+    return tuple(round(100 * v / wall, 1) for v in (server, client, background))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+# --- one measurement ----------------------------------------------------------------------------
+
+
+def measure(args, name: str, wl: Workload, files: srv.ZoneFiles, qfile: Path,
+            probes: list[zonemod.Probe], opts: srv.Options, workdir: Path) -> Row:
+    row = Row(workload=wl.name, server=name, p99_tool=args.p99_tool)
+    run_dir = workdir / "runs" / f"{name}-{wl.name}"
+    ready = probes[-1] if wl.zone == "cold" else probes[0]
+    running = None
+    try:
+        running = srv.start(name, files, run_dir, opts, ready)
+        row.ready_s = round(running.ready_s, 2)
+        row.check_problems = srv.check_answers(running, probes)
+        before = _cpu_snapshot(running.pid)
+        stats = dnsperf(args, running.port, qfile, wl, args.seconds, run_dir / "dnsperf.txt")
+        server, client, background = _cpu_since(before, running.pid)
+        row.server_cpu_pct, row.client_cpu_pct, row.bg_cpu_pct = server, client, background
+        row.rss_mb, row.hwm_mb = (round(v, 1) for v in running.rss_mb())
+        row.qps = round(stats["qps"], 1)
+        row.sent, row.completed, row.lost = (int(stats.get(k, 0))
+                                              for k in ("sent", "completed", "lost"))
+        row.mean_ms = _ms(stats.get("mean_s"))
+        row.stddev_ms = _ms(stats.get("stddev_s"))
+        row.max_ms = _ms(stats.get("max_s"))
+        row.resp_bytes = int(stats.get("resp_bytes", 0))
+        row.rcodes = stats.get("rcodes", {})
+        if row.completed == 0:
+            raise RuntimeError("no query completed")
+        if wl.once:  # a warm server would not be cold any more: start it afresh
+            row.exit_code = running.stop()
+            row.notes += running.notes
+            running = srv.start(name, files, run_dir, opts, ready)
+        row.p99_rate = max(50, int(row.qps * args.latency_fraction))
+        before = _cpu_snapshot(running.pid)
+        lat = latency_pass(args, running, qfile, wl, row.p99_rate, run_dir / "latency.txt")
+        row.p99_bg_cpu_pct = _cpu_since(before, running.pid)[2]
+        row.p50_ms, row.p99_ms, row.p99_mean_ms, row.p99_lost = (
+            lat["p50_ms"], lat["p99_ms"], lat["mean_ms"], lat["lost"]
+        )
+    except Exception as exc:  # noqa: BLE001 - one failure must not end the whole bench
+        row.error = str(exc).strip()
+    finally:
+        if running is not None:
+            code = running.stop()
+            row.exit_code = code if row.exit_code in (None, 0) else row.exit_code
+            row.notes += [n for n in running.notes if n not in row.notes]
+    return row
+
+
+def pick_median(tries: list[Row]) -> Row:
+    """The run with the median qps (the lower middle one for an even count); all are kept."""
+    good = sorted((r for r in tries if not r.error), key=lambda r: r.qps or 0)
+    if not good:
+        return tries[0]
+    row = good[(len(good) - 1) // 2]
+    if len(tries) > 1:
+        row.repeats = [
+            {"qps": r.qps, "p99_ms": r.p99_ms, "bg_cpu_pct": r.bg_cpu_pct, "error": r.error}
+            for r in tries
+        ]
+    return row
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[Row]) -> None:
+    for wl in {r.workload for r in rows}:
+        mesh = next((r for r in rows if r.workload == wl and r.server == "meshdns"
+                     and not r.error), None)
+        if mesh is None:
+            continue
+        for r in rows:
+            if r.workload != wl or r.server == "meshdns" or r.error:
+                continue
+            if mesh.qps and r.qps:
+                r.meshdns_qps_ratio = round(mesh.qps / r.qps, 2)
+            if mesh.p99_ms and r.p99_ms:
+                r.meshdns_p99_ratio = round(mesh.p99_ms / r.p99_ms, 2)
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(rows: list[Row]) -> str:
+    head = ["workload", "server", "qps", "mean ms", "p99 ms @½", "lost", "resp B",
+            "srv CPU%", "bg CPU%", "RSS MB", "mesh÷peer qps", "mesh÷peer p99"]
+    body = []
+    for r in rows:
+        if r.error:
+            body.append([r.workload, r.server, "FAILED: " + r.error.splitlines()[0][:70]]
+                        + [""] * (len(head) - 3))
+            continue
+        flag = " !" if r.check_problems else ""
+        body.append([
+            r.workload, r.server + flag, _f(r.qps, ",.0f"), _f(r.mean_ms, ".3f"),
+            _f(r.p99_ms, ".3f"), f"{r.lost}" + (f"+{r.p99_lost}" if r.p99_lost else ""),
+            _f(r.resp_bytes, "d"), _f(r.server_cpu_pct, ".0f"),
+            _f(max(r.bg_cpu_pct or 0, r.p99_bg_cpu_pct or 0), ".0f"),
+            _f(r.rss_mb, ".1f"),
+            _f(r.meshdns_qps_ratio, ".2f") if r.server != "meshdns" else "",
+            _f(r.meshdns_p99_ratio, ".2f") if r.server != "meshdns" else "",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+    lines = []
+    for i, cells in enumerate([head, *body]):
+        if cells[2].startswith("FAILED"):
+            lines.append(f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}")
+        else:
+            lines.append("  ".join(
+                f"{c:<{w}}" if j < 2 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(cells, widths,
+                                                                                     strict=True))
+            ))
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def versions(names: list[str]) -> dict[str, str]:
+    out = {}
+
+    def first_line(cmd: list[str]) -> str:
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    out["dnsperf"] = _dnsperf_version()
+    if "dnsmasq" in names:
+        out["dnsmasq"] = first_line(["dnsmasq", "--version"])
+    if "unbound" in names:
+        out["unbound"] = next((ln for ln in subprocess.run(
+            ["unbound", "-V"], check=False, capture_output=True, text=True, timeout=30
+        ).stdout.splitlines() if ln.startswith("Version")), "?")
+    if "meshdns" in names:
+        try:
+            from importlib.metadata import version
+
+            out["meshdns"] = version("meshdns")
+        except Exception:  # noqa: BLE001
+            out["meshdns"] = "?"
+    if "dnslib" in names:
+        import dnslib
+
+        out["dnslib"] = getattr(dnslib, "version", "?")
+    out["python"] = platform.python_version()
+    return out
+
+
+def _dnsperf_version() -> str:
+    done = subprocess.run(["dnsperf", "-h"], check=False, capture_output=True, text=True, timeout=30)
+    match = re.search(r"Version ([\w.]+)", done.stdout + done.stderr)
+    return match.group(1) if match else "?"
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="meshdns benchmark against dnsmasq and unbound")
+    p.add_argument("--servers", default=",".join(ALL_SERVERS),
+                   help=f"comma-separated, from {','.join(ALL_SERVERS)} (default: all)")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
+                   help=f"comma-separated, from {','.join(ALL_WORKLOADS)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 s runs, 2 s latency passes, 20,000 cold names")
+    p.add_argument("--seconds", type=float, help="dnsperf time per run (default 10; quick 3)")
+    p.add_argument("--latency-seconds", type=float,
+                   help="length of the fixed-rate latency pass (default 5; quick 2)")
+    p.add_argument("--latency-fraction", type=float, default=0.5,
+                   help="latency pass rate as a fraction of the measured qps (default 0.5)")
+    p.add_argument("--p99-tool", choices=["dnsperf", "prober"], default="dnsperf",
+                   help="dnsperf -v per-query latencies (default) or bench/latency.py")
+    p.add_argument("--cold-size", type=int,
+                   help="distinct names in the cold workload (default 100000; quick 20000)")
+    p.add_argument("--clients", type=int, default=4, help="dnsperf -c (default 4)")
+    p.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (default 100)")
+    p.add_argument("--query-timeout", type=float, default=2.0,
+                   help="dnsperf -t: a query unanswered this long is lost (default 2)")
+    p.add_argument("--server-cpu", default="0", help="taskset CPU list for servers (default 0)")
+    p.add_argument("--client-cpu", default="1", help="taskset CPU list for clients (default 1)")
+    p.add_argument("--start-timeout", type=float, default=120.0,
+                   help="seconds a server may take to answer its first query (default 120)")
+    p.add_argument("--meshdns-workers", type=int, default=0,
+                   help="write `workers: N` in meshdns's config (default: leave unset)")
+    p.add_argument("--meshdns-cache", action="store_true",
+                   help="write `cache: {enabled: true, size: 100000}` in meshdns's config")
+    p.add_argument("--meshdns-config", type=Path,
+                   help="a meshdns config YAML to start from (admin.listen is overridden)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each server x workload N times, report the median-qps run")
+    p.add_argument("--seed", type=int, default=42, help="query mix seed (default 42)")
+    p.add_argument("--output", type=Path, default=BENCH_DIR / "results" / "latest.json")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    args.latency_seconds = args.latency_seconds or (2.0 if args.quick else 5.0)
+    args.cold_size = args.cold_size or (20_000 if args.quick else 100_000)
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for s in args.server_list:
+        if s not in ALL_SERVERS:
+            p.error(f"--servers: unknown server {s!r} (known: {', '.join(ALL_SERVERS)})")
+    for w in args.workload_list:
+        if w not in WORKLOADS:
+            p.error(f"--workloads: unknown workload {w!r} (known: {', '.join(ALL_WORKLOADS)})")
+    if args.repeat < 1:
+        p.error("--repeat: at least 1")
+    if not 1 <= args.cold_size <= 1_000_000:
+        p.error("--cold-size: between 1 and 1,000,000")
+    return args
+
+
+def preflight(args) -> None:
+    needed = {"taskset", "dnsperf"}
+    needed |= {"dnsmasq"} & set(args.server_list)
+    if "unbound" in args.server_list:
+        needed |= {"unbound", "unbound-checkconf"}
+    missing = sorted(t for t in needed if shutil.which(t) is None)
+    if missing:
+        sys.exit(f"missing tools: {', '.join(missing)} (bash bench/run.sh installs them)")
+    if "meshdns" in args.server_list and not srv.meshdns_available():
+        sys.exit("meshdns is not importable: `pip install -e .` (bash bench/run.sh does it), "
+                 "or leave it out with --servers dnsmasq,unbound,dnslib")
+    if "dnslib" in args.server_list:
+        try:
+            import dnslib  # noqa: F401
+        except ImportError:
+            sys.exit("dnslib is not installed: pip install dnslib")
+    if len(os.sched_getaffinity(0)) < 2:
+        print("warning: fewer than 2 CPUs available; server and client will share one",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preflight(args)
+    workdir = Path(tempfile.mkdtemp(prefix="meshdns-bench-"))
+    pidfile = Path(os.environ.get("BENCH_PIDFILE") or workdir / "pids")
+    opts = srv.Options(server_cpu=args.server_cpu, start_timeout=args.start_timeout,
+                       pidfile=pidfile, meshdns_workers=args.meshdns_workers,
+                       meshdns_cache=args.meshdns_cache, meshdns_config=args.meshdns_config)
+    if not args.keep:
+        atexit.register(shutil.rmtree, workdir, True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # runs atexit / finally blocks
+
+    t_start = time.monotonic()
+    small = zonemod.Sizes()
+    need_cold = "cold" in args.workload_list
+    sizes = {"small": small}
+    if need_cold:
+        sizes["cold"] = zonemod.Sizes(cold=args.cold_size)
+    print(f"bench: work dir {workdir}; servers {','.join(args.server_list)}; workloads "
+          f"{','.join(args.workload_list)}; {args.seconds:g}s runs", flush=True)
+    files = {}
+    for key, size in sizes.items():
+        files[key] = srv.ZoneFiles(workdir / f"zone-{key}", zonemod.build_zone(size))
+        files[key].write(args.server_list)
+    rng = random.Random(args.seed)
+    qdir = workdir / "queries"
+    qdir.mkdir()
+    qfiles = {"hot": qdir / "hot.txt", "large": qdir / "large.txt", "cold": qdir / "cold.txt"}
+    zonemod.write_queries(zonemod.hot_queries(small, 100_000, rng), qfiles["hot"])
+    zonemod.write_queries(zonemod.large_queries(small, 10_000, rng), qfiles["large"])
+    if need_cold:
+        zonemod.write_queries(zonemod.cold_queries(sizes["cold"], rng), qfiles["cold"])
+    print(f"bench: zones and query files written in {time.monotonic() - t_start:.1f}s",
+          flush=True)
+
+    rows: list[Row] = []
+    for name in args.server_list:
+        for wl_name in args.workload_list:
+            wl = WORKLOADS[wl_name]
+            zone_files = files[wl.zone]
+            print(f"bench: {name:8} {wl.name:10} ...", end=" ", flush=True)
+            tries = [measure(args, name, wl, zone_files, qfiles[wl.queries],
+                             zonemod.probes(sizes[wl.zone]), opts, workdir)
+                     for _ in range(args.repeat)]
+            row = pick_median(tries)
+            rows.append(row)
+            if row.error:
+                print("FAILED: " + row.error.splitlines()[0], flush=True)
+            else:
+                print(f"{row.qps:,.0f} qps, p99 {_f(row.p99_ms, '.3f')} ms at {row.p99_rate:,}/s"
+                      + (f"; check: {'; '.join(row.check_problems)}" if row.check_problems
+                         else ""), flush=True)
+
+    add_ratios(rows)
+    print()
+    print(table(rows))
+    notes = []
+    for r in rows:
+        for problem in r.check_problems:
+            notes.append(f"! {r.server} {r.workload}: {problem}")
+        for note in r.notes:
+            notes.append(f"  {r.server} {r.workload}: {note}")
+        bg = max(r.bg_cpu_pct or 0, r.p99_bg_cpu_pct or 0)
+        if bg > 15:
+            notes.append(f"  {r.server} {r.workload}: {bg:.0f}% CPU used by other processes "
+                         "during the run: figures are noisy")
+        if r.server == "meshdns" and r.exit_code not in (0, None) and not r.error:
+            notes.append(f"  meshdns {r.workload}: exit code {r.exit_code} after SIGTERM")
+        if r.error and "\n" in r.error:
+            notes.append(f"  {r.server} {r.workload} failed:\n      "
+                         + r.error.replace("\n", "\n      "))
+    if notes:
+        print("\n" + "\n".join(notes))
+    result = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "versions": versions(args.server_list),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "workloads": {w: WORKLOADS[w].about for w in args.workload_list},
+            "elapsed_s": round(time.monotonic() - t_start, 1),
+        },
+        "results": [r.__dict__ for r in rows],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nbench: {len(rows)} runs in {time.monotonic() - t_start:.0f}s; "
+          f"results in {args.output}" + (f"; files kept in {workdir}" if args.keep else ""))
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

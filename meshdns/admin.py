@@ -1,0 +1,78 @@
+"""The admin HTTP endpoint (aiohttp): /health, /ready, /metrics, /v1/catalog."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .config import parse_hostport
+
+if TYPE_CHECKING:
+    from .server import DnsServer
+
+#: /ready turns 503 when the catalog file has been failing to reload for this long
+READY_MAX_ERROR_AGE = 300.0
+
+
+def make_app(server: DnsServer) -> web.Application:
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def ready(_: web.Request) -> web.Response:
+        snap = server.snapshot
+        if snap is None or not server.bound:
+            return web.Response(status=503, text="not ready: no catalog loaded\n")
+        if server.last_reload_error and time.time() - snap.loaded_at > READY_MAX_ERROR_AGE:
+            return web.Response(status=503, text="not ready: catalog stale, last reload failed: "
+                                f"{server.last_reload_error}\n")
+        return web.Response(text=f"ready: generation {snap.generation}\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        snap = server.snapshot
+        extra = {f"meshdns_catalog_{k}": v for k, v in snap.counts.items()}
+        extra["meshdns_cache_entries"] = len(server.responder.udp_cache) + \
+            len(server.responder.tcp_cache)
+        return web.Response(text=server.metrics.render(extra),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def catalog(_: web.Request) -> web.Response:
+        snap = server.snapshot
+        services = sorted({f"{k[4]}" + (f" (peer {k[0]})" if k[0] else f" ({k[1]})")
+                           for k in snap.services})
+        return web.json_response({
+            "generation": snap.generation,
+            "serial": snap.serial,
+            "loaded_at": snap.loaded_at,
+            "age_seconds": round(time.time() - snap.loaded_at, 3),
+            "counts": dict(snap.counts),
+            "datacenters": sorted(snap.datacenters),
+            "partitions": sorted(snap.partitions),
+            "peers": sorted(snap.peers),
+            "services": services[:1000],
+            "last_reload_error": server.last_reload_error,
+        })
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/catalog", catalog)
+    return app
+
+
+async def start_admin(server: DnsServer, listen: str) -> web.AppRunner:
+    host, port = parse_hostport(listen, 8601)
+    runner = web.AppRunner(make_app(server), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    bound = sockets[0].getsockname()[1] if sockets else port
+    server.admin_port = bound  # type: ignore[attr-defined]
+    import logging
+
+    logging.getLogger("meshdns").info("admin endpoint on http://%s:%d", host, bound)
+    return runner

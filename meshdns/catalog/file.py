@@ -1,0 +1,75 @@
+"""The file catalog source: read, validate and index a catalog file; watch it for changes."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..documents import Document, problems_from, read_document, validate
+from ..errors import ConfigError
+from .model import Catalog
+from .snapshot import CatalogProblems, Snapshot, build_snapshot
+
+
+def example_catalog_path() -> Path:
+    """The example catalog shipped inside the package (also at ``configs/catalog.yaml``)."""
+    return Path(str(resources.files("meshdns") / "examples" / "catalog.yaml"))
+
+
+def read_catalog(path: Path) -> tuple[Catalog, Document | None]:
+    """Parse and validate a catalog file (YAML, or JSON for large catalogs).
+
+    Returns the document too when one was built (YAML), for the lines of later problems.
+    """
+    if path.suffix.lower() == ".json":
+        return _read_json(path), None
+    doc = read_document(path)
+    if doc.data is not None and not isinstance(doc.data, dict):
+        raise ConfigError([f"{doc.where(())}: expected a mapping with nodes, services, ..."])
+    return validate(doc, Catalog), doc
+
+
+def _read_json(path: Path) -> Catalog:
+    # pydantic parses JSON in Rust: several times faster than json.loads + model_validate
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}:0: (file): cannot read: {exc.strerror or exc}"]) from None
+    try:
+        return Catalog.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    doc = read_document(path)  # the slow path, only to name lines
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{doc.where(())}: expected an object with nodes, services, ..."])
+    raise ConfigError(problems_from(doc, errors))
+
+
+def load_snapshot(
+    path: Path,
+    *,
+    local_datacenter: str,
+    vip_range: str,
+    previous: Snapshot | None = None,
+) -> Snapshot:
+    """File to snapshot; every problem is reported as ``file:line: field: reason``."""
+    catalog, doc = read_catalog(path)
+    try:
+        return build_snapshot(
+            catalog, local_datacenter=local_datacenter, vip_range=vip_range, previous=previous
+        )
+    except CatalogProblems as exc:
+        doc = doc or read_document(path)
+        raise ConfigError([f"{doc.where(p)}: {msg}" for p, msg in exc.problems]) from None
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten (follows symlinks, as ConfigMaps use)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

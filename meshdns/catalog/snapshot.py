@@ -1,0 +1,408 @@
+"""An immutable, indexed view of the catalog: what every query reads.
+
+A source (the file, later Consul) validates a ``Catalog`` and calls ``build_snapshot``; the server
+swaps the new snapshot in with one assignment. Nothing here changes after construction, so a
+query never sees half a reload.
+
+Localities are keyed as ``(peer, datacenter)`` with exactly one of the two non-empty: imported
+services live under their peer, local and WAN-federated ones under their datacenter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import Catalog, Failover, PreparedQuery, SamenessGroup, Service, TaggedAddress, Target
+
+Problem = tuple[tuple[str | int, ...], str]
+
+#: (peer, datacenter, partition, namespace, service name lowercased)
+ServiceKey = tuple[str, str, str, str, str]
+#: (peer, partition, namespace, service name lowercased)
+VipKey = tuple[str, str, str, str]
+
+USABLE = frozenset({"passing", "warning"})
+_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    address: str
+    datacenter: str  # "" for imported nodes
+    peer: str  # "" for local / federated nodes
+    partition: str
+    health: str
+    meta: Mapping[str, str]
+    tagged: Mapping[str, TaggedAddress]
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One service instance joined with its node, with its combined health."""
+
+    service: str
+    id: str
+    node: NodeRecord
+    namespace: str
+    address: str  # the service address, else the node address
+    own_address: bool  # the service registered an address of its own
+    port: int
+    tags: frozenset[str]  # lowercased
+    status: str  # worst of node and service health
+    weight_passing: int
+    weight_warning: int
+    kind: str
+    tagged: Mapping[str, TaggedAddress]  # the service's tagged addresses, else the node's
+
+    @property
+    def datacenter(self) -> str:
+        return self.node.datacenter
+
+    @property
+    def peer(self) -> str:
+        return self.node.peer
+
+    @property
+    def partition(self) -> str:
+        return self.node.partition
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSet:
+    """The instances under one key, pre-split by health so queries filter nothing."""
+
+    usable: tuple[Instance, ...]  # not critical, not in maintenance
+    passing: tuple[Instance, ...]  # passing only (for only_passing)
+
+    def healthy(self, only_passing: bool) -> tuple[Instance, ...]:
+        return self.passing if only_passing else self.usable
+
+
+EMPTY_SET = InstanceSet((), ())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a query needs, indexed by the keys queries use."""
+
+    local_datacenter: str
+    services: Mapping[ServiceKey, InstanceSet]
+    connect: Mapping[ServiceKey, InstanceSet]
+    ingress: Mapping[ServiceKey, InstanceSet]
+    nodes: Mapping[tuple[str, str, str, str], NodeRecord]  # (peer, dc, partition, name lower)
+    vips: Mapping[VipKey, str]
+    datacenters: frozenset[str]
+    peers: frozenset[str]
+    partitions: frozenset[str]
+    failover: Mapping[ServiceKey, tuple[Target, ...]]
+    sameness_groups: Mapping[tuple[str, str], SamenessGroup]  # (partition, name lower)
+    default_sameness: Mapping[str, SamenessGroup]  # partition -> group with default_for_failover
+    prepared_queries: Mapping[str, PreparedQuery]  # name lowercased
+    rtt: Mapping[tuple[str, str], float]
+    ptr: Mapping[str, tuple[str, ...]]  # IP -> name labels under the domain
+    generation: int = 0
+    serial: int = 0
+    loaded_at: float = field(default_factory=time.time)
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+    def node(self, peer: str, dc: str, partition: str, name: str) -> NodeRecord | None:
+        return self.nodes.get((peer, dc, partition, name))
+
+
+def _worst(a: str, b: str) -> str:
+    return a if _RANK[a] >= _RANK[b] else b
+
+
+def _set(items: Iterable[Instance]) -> InstanceSet:
+    items = tuple(items)
+    return InstanceSet(
+        tuple(i for i in items if i.status in USABLE),
+        tuple(i for i in items if i.status == "passing"),
+    )
+
+
+def build_snapshot(
+    catalog: Catalog,
+    *,
+    local_datacenter: str,
+    vip_range: str = "240.0.0.0/4",
+    previous: Snapshot | None = None,
+) -> Snapshot:
+    """Index a validated catalog. Raises ``CatalogProblems`` for references that do not hold."""
+    problems: list[Problem] = []
+    local_dc = local_datacenter.lower()
+
+    nodes: dict[tuple[str, str, str, str], NodeRecord] = {}
+    by_name: dict[str, list[NodeRecord]] = defaultdict(list)
+    for i, n in enumerate(catalog.nodes):
+        peer = (n.peer or "").lower()
+        dc = "" if peer else (n.datacenter or local_dc).lower()
+        rec = NodeRecord(n.name, n.address, dc, peer, n.partition.lower(), n.health,
+                         dict(n.meta), dict(n.tagged_addresses))
+        key = (peer, dc, rec.partition, n.name.lower())
+        if key in nodes:
+            where = f"peer {peer}" if peer else f"datacenter {dc}"
+            msg = f"node {n.name!r} is listed twice in {where}, partition {rec.partition}"
+            problems.append((("nodes", i, "name"), msg))
+            continue
+        nodes[key] = rec
+        by_name[n.name.lower()].append(rec)
+
+    pairs: list[tuple[Instance, Service]] = []
+    seen_ids: set[tuple[int, str]] = set()
+    for i, s in enumerate(catalog.services):
+        candidates = [
+            r for r in by_name.get(s.node.lower(), ())
+            if (s.peer is None or r.peer == s.peer.lower())
+            and (s.datacenter is None or r.datacenter == s.datacenter.lower())
+            and (s.partition is None or r.partition == s.partition.lower())
+        ]
+        if len(candidates) > 1:  # prefer the local datacenter when nothing else says
+            local = [r for r in candidates if r.datacenter == local_dc]
+            candidates = local if len(local) == 1 and s.peer is None and s.datacenter is None \
+                else candidates
+        if not candidates:
+            problems.append((("services", i, "node"), f"no node {s.node!r}" + _where(s)))
+            continue
+        if len(candidates) > 1:
+            problems.append((("services", i, "node"),
+                             f"node {s.node!r} is in several places; set datacenter, peer or "
+                             "partition on the service"))
+            continue
+        node = candidates[0]
+        sid = s.id or s.name
+        if (id(node), sid.lower()) in seen_ids:
+            problems.append((("services", i, "id"),
+                             f"service id {sid!r} is used twice on node {node.name!r}"))
+            continue
+        seen_ids.add((id(node), sid.lower()))
+        own = s.address is not None
+        pairs.append((Instance(
+            service=s.name, id=sid, node=node, namespace=s.namespace.lower(),
+            address=s.address if own else node.address, own_address=own,
+            port=s.port, tags=frozenset(t.lower() for t in s.tags),
+            status=_worst(s.health, node.health),
+            weight_passing=s.weights.passing, weight_warning=s.weights.warning,
+            kind=s.kind, tagged=dict(s.tagged_addresses) if own else node.tagged,
+        ), s))
+    all_instances = [inst for inst, _ in pairs]
+
+    groups: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    connect: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    ingress: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    mesh: set[VipKey] = set()
+    for inst, s in pairs:
+        base = (inst.peer, inst.datacenter, inst.partition, inst.namespace)
+        groups[(*base, inst.service.lower())].append(inst)
+        if s.kind == "connect-proxy" and s.destination:
+            connect[(*base, s.destination.lower())].append(inst)
+            mesh.add((inst.peer, inst.partition, inst.namespace, s.destination.lower()))
+        if s.connect_native:
+            connect[(*base, inst.service.lower())].append(inst)
+            mesh.add((inst.peer, inst.partition, inst.namespace, inst.service.lower()))
+        if s.kind == "ingress-gateway":
+            for exposed in s.ingress:
+                ingress[(*base, exposed.lower())].append(inst)
+    for inst in all_instances:  # imported services are mesh services (peering is mesh-only)
+        if inst.peer and inst.kind == "typical":
+            mesh.add((inst.peer, inst.partition, inst.namespace, inst.service.lower()))
+    # cross-datacenter VIPs would collide: only local and imported services get one
+    mesh = {k for k in mesh if k[0] or _in_local_dc(k, local_dc, groups, connect)}
+
+    vips, vip_problems = _allocate_vips(catalog, mesh, vip_range, previous)
+    problems.extend(vip_problems)
+
+    failover: dict[ServiceKey, tuple[Target, ...]] = {}
+    for i, f in enumerate(catalog.failover):
+        key = ("", (f.datacenter or local_dc).lower(), f.partition.lower(),
+               f.namespace.lower(), f.service.lower())
+        if key in failover:
+            problems.append((("failover", i, "service"),
+                             f"failover for {f.service!r} is defined twice"))
+        failover[key] = tuple(f.targets)
+
+    sameness: dict[tuple[str, str], SamenessGroup] = {}
+    default_sameness: dict[str, SamenessGroup] = {}
+    for i, g in enumerate(catalog.sameness_groups):
+        sameness[(g.partition.lower(), g.name.lower())] = g
+        if g.default_for_failover:
+            if g.partition.lower() in default_sameness:
+                problems.append((("sameness_groups", i, "default_for_failover"),
+                                 f"partition {g.partition!r} already has a default group"))
+            default_sameness[g.partition.lower()] = g
+
+    queries: dict[str, PreparedQuery] = {}
+    for i, q in enumerate(catalog.prepared_queries):
+        if q.name.lower() in queries:
+            problems.append((("prepared_queries", i, "name"),
+                             f"prepared query {q.name!r} is defined twice"))
+        queries[q.name.lower()] = q
+
+    rtt: dict[tuple[str, str], float] = {}
+    for a, row in catalog.datacenter_rtt.items():
+        for b, seconds in row.items():
+            rtt[(a.lower(), b.lower())] = seconds
+            rtt.setdefault((b.lower(), a.lower()), seconds)
+
+    if problems:
+        raise CatalogProblems(problems)
+
+    datacenters = frozenset({local_dc} | {n.datacenter for n in nodes.values() if n.datacenter})
+    peers = frozenset(n.peer for n in nodes.values() if n.peer)
+    partitions = frozenset({"default"} | {n.partition for n in nodes.values()})
+
+    ptr = _ptr_index(nodes.values(), all_instances, vips, local_dc)
+    generation = previous.generation + 1 if previous else 1
+    now = time.time()
+    serial = max(int(now), previous.serial + 1) if previous else int(now)
+    return Snapshot(
+        local_datacenter=local_dc,
+        services={k: _set(v) for k, v in groups.items()},
+        connect={k: _set(v) for k, v in connect.items()},
+        ingress={k: _set(v) for k, v in ingress.items()},
+        nodes=nodes,
+        vips=vips,
+        datacenters=datacenters,
+        peers=peers,
+        partitions=partitions,
+        failover=failover,
+        sameness_groups=sameness,
+        default_sameness=default_sameness,
+        prepared_queries=queries,
+        rtt=rtt,
+        ptr=ptr,
+        generation=generation,
+        serial=serial,
+        loaded_at=now,
+        counts={
+            "nodes": len(nodes),
+            "instances": len(all_instances),
+            "services": len({k for k in groups}),
+            "virtual_ips": len(vips),
+            "prepared_queries": len(queries),
+        },
+    )
+
+
+class CatalogProblems(Exception):
+    """References in a catalog that do not hold, each with the path of the offending field."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(msg for _, msg in problems))
+        self.problems = problems
+
+
+def _where(s: Any) -> str:
+    parts = [f"{k} {getattr(s, k)!r}" for k in ("datacenter", "peer", "partition")
+             if getattr(s, k) is not None]
+    return (" in " + ", ".join(parts)) if parts else ""
+
+
+def _in_local_dc(key: VipKey, local_dc: str, *indexes: Mapping[ServiceKey, Any]) -> bool:
+    peer, partition, namespace, name = key
+    return any(("", local_dc, partition, namespace, name) in idx for idx in indexes)
+
+
+def _allocate_vips(
+    catalog: Catalog, mesh: set[VipKey], vip_range: str, previous: Snapshot | None
+) -> tuple[dict[VipKey, str], list[Problem]]:
+    """Fixed VIPs from the file, then a stable address for every other mesh service.
+
+    Stability: an address given out before a reload is kept while its service exists; a new
+    service hashes into the range (so restarts give the same answer) and probes past taken slots.
+    """
+    problems: list[Problem] = []
+    net = ipaddress.IPv4Network(vip_range)
+    first = int(net.network_address) + 1
+    size = net.num_addresses - 2
+    vips: dict[VipKey, str] = {}
+    taken: set[str] = set()
+    for i, v in enumerate(catalog.virtual_ips):
+        key = ((v.peer or "").lower(), v.partition.lower(), v.namespace.lower(), v.service.lower())
+        if v.ip in taken:
+            problems.append((("virtual_ips", i, "ip"), f"{v.ip} is given to two services"))
+            continue
+        if key in vips:
+            problems.append((("virtual_ips", i, "service"),
+                             f"service {v.service!r} has two fixed virtual IPs"))
+            continue
+        vips[key] = v.ip
+        taken.add(v.ip)
+    pending = sorted(k for k in mesh if k not in vips)
+    if previous is not None:
+        for key in pending:
+            ip = previous.vips.get(key)
+            if ip is not None and ip not in taken and ipaddress.IPv4Address(ip) in net:
+                vips[key] = ip
+                taken.add(ip)
+    for key in pending:
+        if key in vips:
+            continue
+        if len(taken) >= size:
+            problems.append((("virtual_ips",), f"virtual_ip_range {vip_range} is full"))
+            break
+        digest = hashlib.blake2b("\0".join(key).encode(), digest_size=8).digest()
+        slot = int.from_bytes(digest, "big") % size
+        while True:
+            ip = str(ipaddress.IPv4Address(first + slot))
+            if ip not in taken:
+                break
+            slot = (slot + 1) % size
+        vips[key] = ip
+        taken.add(ip)
+    return vips, problems
+
+
+def _ptr_index(
+    nodes: Iterable[NodeRecord],
+    instances: Iterable[Instance],
+    vips: Mapping[VipKey, str],
+    local_dc: str,
+) -> dict[str, tuple[str, ...]]:
+    """IP -> the labels of its name under the domain: nodes first, then services, then VIPs."""
+    ptr: dict[str, tuple[str, ...]] = {}
+    ordered = sorted(nodes, key=lambda n: (n.datacenter != local_dc, n.peer != "", n.name))
+    for n in ordered:
+        ip = _ip_text(n.address)
+        if ip is not None:
+            ptr.setdefault(ip, node_labels(n))
+    for inst in instances:
+        ip = _ip_text(inst.address) if inst.own_address else None
+        if ip is not None and not inst.peer:
+            ptr.setdefault(ip, (inst.service.lower(), "service", inst.datacenter))
+    for (peer, _part, _ns, name), ip in vips.items():
+        ptr.setdefault(ip, (name, "virtual", peer, "peer") if peer else (name, "virtual"))
+    return ptr
+
+
+def node_labels(n: NodeRecord) -> tuple[str, ...]:
+    """``<node>.node[.<ap>.ap].<dc>`` (or ``.<peer>.peer``): a name our grammar resolves back."""
+    labels: tuple[str, ...] = (n.name.lower(), "node")
+    if n.partition != "default":
+        labels += (n.partition, "ap")
+        return labels + ((n.peer, "peer") if n.peer else (n.datacenter, "dc"))
+    return labels + ((n.peer, "peer") if n.peer else (n.datacenter,))
+
+
+def _ip_text(address: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+def failover_key(dc: str, partition: str, namespace: str, name: str) -> ServiceKey:
+    return ("", dc, partition, namespace, name)
+
+
+__all__ = [
+    "CatalogProblems", "Failover", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
+    "build_snapshot", "node_labels", "EMPTY_SET",
+]

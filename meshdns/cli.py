@@ -1,0 +1,177 @@
+"""``meshdns serve | check | query``: the command line of ``shared/spec/catalog.md``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .catalog.file import example_catalog_path, load_snapshot
+from .config import Config, load_config, parse_hostport
+from .errors import ConfigError
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    root = logging.getLogger("meshdns")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _settings(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config with the command line's overrides, and the catalog file to serve."""
+    config = load_config(Path(args.config) if args.config else None)
+    overrides: dict = {}
+    if getattr(args, "listen", None):
+        for item in args.listen:
+            try:
+                parse_hostport(item, 8600)
+            except ValueError as exc:
+                raise ConfigError([f"--listen: {exc}"]) from None
+        overrides["listen"] = args.listen
+    admin = getattr(args, "admin", None)
+    if admin is not None:
+        if admin != "off":
+            try:
+                parse_hostport(admin, 8601)
+            except ValueError as exc:
+                raise ConfigError([f"--admin: {exc}"]) from None
+        overrides["admin"] = config.admin.model_copy(
+            update={"listen": None if admin == "off" else admin})
+    if overrides:
+        config = config.model_copy(update=overrides)
+    if args.catalog:
+        catalog = Path(args.catalog)
+    else:
+        catalog = config.catalog_path() or example_catalog_path()
+    return config, catalog
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config, catalog = _settings(args)
+    setup_logging(config.log_level)
+    log = logging.getLogger("meshdns")
+    snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
+                             vip_range=config.virtual_ip_range)
+    log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
+             snapshot.counts["nodes"], snapshot.counts["instances"],
+             snapshot.counts["virtual_ips"])
+    from .server import install_uvloop, run
+
+    if config.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config, catalog)
+    loop_name = install_uvloop()
+    log.debug("event loop: %s", loop_name)
+    try:
+        return asyncio.run(run(config, snapshot, catalog))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config, catalog = _settings(args)
+    snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
+                             vip_range=config.virtual_ip_range)
+    c = snapshot.counts
+    print(f"config: {args.config or '(defaults)'}: ok (domain {config.domain}, "
+          f"datacenter {config.datacenter}, listen {', '.join(config.listen)})")
+    print(f"catalog: {catalog}: ok")
+    print(f"  {c['nodes']} nodes, {c['instances']} service instances of {c['services']} "
+          f"services, {c['virtual_ips']} virtual IPs, {c['prepared_queries']} prepared queries")
+    print(f"  datacenters: {', '.join(sorted(snapshot.datacenters))}")
+    print(f"  partitions: {', '.join(sorted(snapshot.partitions))}")
+    print(f"  peers: {', '.join(sorted(snapshot.peers)) or '(none)'}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    host, port = parse_hostport(args.server, 8600)
+    try:
+        rdtype = dns.rdatatype.from_text(args.type)
+    except dns.rdatatype.UnknownRdatatype:
+        print(f"meshdns query: unknown record type {args.type!r}", file=sys.stderr)
+        return 2
+    message = dns.message.make_query(args.name, rdtype, use_edns=0 if args.edns else None)
+    try:
+        if args.tcp:
+            reply = dns.query.tcp(message, host, port=port, timeout=args.timeout)
+        else:
+            reply = dns.query.udp(message, host, port=port, timeout=args.timeout)
+    except (dns.exception.DNSException, OSError) as exc:
+        print(f"meshdns query: no answer from {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    print(reply.to_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshdns", description="Consul mesh names over DNS.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve DNS (default: the example catalog on "
+                                         "127.0.0.1:8600)")
+    check = sub.add_parser("check", help="validate a config and catalog, print a summary")
+    for p in (serve, check):
+        p.add_argument("--config", help="server config (YAML)")
+        p.add_argument("--catalog", help="catalog file (YAML or JSON); overrides the config")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help="address to serve on, UDP and TCP (repeatable; port 0: any free)")
+    serve.add_argument("--admin", metavar="HOST:PORT",
+                       help="admin HTTP endpoint address, or 'off' (overrides the config)")
+    serve.set_defaults(func=cmd_serve)
+    check.set_defaults(func=cmd_check)
+
+    query = sub.add_parser("query", help="ask a DNS server (a small dig)")
+    query.add_argument("name")
+    query.add_argument("type", nargs="?", default="A")
+    query.add_argument("--server", default="127.0.0.1:8600")
+    query.add_argument("--tcp", action="store_true")
+    query.add_argument("--edns", action="store_true", help="send EDNS0")
+    query.add_argument("--timeout", type=float, default=2.0)
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

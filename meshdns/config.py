@@ -1,0 +1,220 @@
+"""The server config (``config.yaml``): pydantic models with every default in one place.
+
+Names follow Consul's ``dns_config`` where one exists (see ``shared/spec/catalog.md``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .documents import read_document, validate
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``10s``, ``1m``, ``250ms``, ``1h`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 10s, 500ms or 1m")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"expected a duration like 10s, 500ms or 1m, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``("127.0.0.1", 8600)`` from ``127.0.0.1:8600``, ``[::1]:53`` or a bare address."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    if port == "":
+        return host, default_port
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port must be 0-65535")
+    return host, int(port)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SoaSettings(_Model):
+    refresh: int = Field(3600, ge=0, le=2**31 - 1)
+    retry: int = Field(600, ge=0, le=2**31 - 1)
+    expire: int = Field(86400, ge=0, le=2**31 - 1)
+    min_ttl: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class DnsSettings(_Model):
+    node_ttl: Duration = 0.0
+    service_ttl: dict[str, Duration] = Field(default_factory=lambda: {"*": 0.0})
+    only_passing: bool = False
+    udp_answer_limit: int = Field(3, ge=1)
+    a_record_limit: int = Field(0, ge=0)
+    enable_truncate: bool = False
+    enable_additional_node_meta_txt: bool = True
+    translate_wan_addrs: bool = False
+    soa: SoaSettings = SoaSettings()
+    recursors: list[str] = Field(default_factory=list)
+    recursor_timeout: Duration = 2.0
+
+    @field_validator("recursors")
+    @classmethod
+    def _recursors_are_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item, 53)
+        return value
+
+    @field_validator("service_ttl")
+    @classmethod
+    def _wildcards_at_end(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            if "*" in key[:-1]:
+                raise ValueError(f"{key!r}: '*' is only allowed at the end (prefix match)")
+        return {k.lower(): v for k, v in value.items()}
+
+    def recursor_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(r, 53) for r in self.recursors]
+
+
+class ConsulSource(_Model):
+    address: str = "http://127.0.0.1:8500"
+    token: str | None = None
+    token_file: str | None = None
+    datacenter: str | None = None
+
+
+class CatalogSettings(_Model):
+    file: str | None = None
+    consul: ConsulSource | None = None
+    poll_interval: Duration = 0.025  # how often the catalog file is checked for a change
+
+
+class AdminSettings(_Model):
+    listen: str | None = "127.0.0.1:8601"  # null disables the admin endpoint
+
+    @field_validator("listen")
+    @classmethod
+    def _valid(cls, value: str | None) -> str | None:
+        if value:
+            parse_hostport(value, 8601)
+        return value
+
+
+class CacheSettings(_Model):
+    enabled: bool = True
+    size: int = Field(100_000, ge=1)  # cached responses, per transport
+
+
+class Config(_Model):
+    domain: str = "consul"
+    alt_domain: str | None = None
+    datacenter: str = "dc1"
+    partition: str = "default"
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8600"], min_length=1)
+    advertise: str | None = None
+    catalog: CatalogSettings = CatalogSettings()
+    virtual_ip_range: str = "240.0.0.0/4"
+    dns: DnsSettings = DnsSettings()
+    admin: AdminSettings = AdminSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(1, ge=1, le=64)
+    cache: CacheSettings = CacheSettings()
+    # Where relative paths in this config are resolved from (the config file's folder).
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("domain", "alt_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().strip(".").lower()
+        if not value or any(not 0 < len(label) < 64 for label in value.split(".")):
+            raise ValueError("must be a DNS name such as 'consul'")
+        return value
+
+    @field_validator("datacenter", "partition")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", value):
+            raise ValueError("must be a single DNS label")
+        return value.lower()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item, 8600)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @field_validator("virtual_ip_range")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        try:
+            net = ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if net.version != 4 or net.num_addresses < 4:
+            raise ValueError("must be an IPv4 network with room for addresses, e.g. 240.0.0.0/4")
+        return str(net)
+
+    @model_validator(mode="after")
+    def _alt_differs(self) -> Config:
+        if self.alt_domain is not None and self.alt_domain == self.domain:
+            raise ValueError("alt_domain must differ from domain")
+        return self
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(item, 8600) for item in self.listen]
+
+    def catalog_path(self) -> Path | None:
+        if self.catalog.file is None:
+            return None
+        path = Path(self.catalog.file)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a config file (``None``: all defaults)."""
+    if path is None:
+        return Config()
+    doc = read_document(path)
+    if doc.data is not None and not isinstance(doc.data, dict):
+        raise ConfigError([f"{doc.where(())}: expected a mapping of settings"])
+    data = dict(doc.data or {})
+    data["base_dir"] = str(path.parent)
+    return validate(doc.__class__(doc.file, data, doc.line_of), Config)

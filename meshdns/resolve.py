@@ -1,0 +1,517 @@
+"""Query + catalog snapshot -> answer. Pure: no sockets, no clocks, no event loop.
+
+An ``Answer`` holds records as plain tuples ``(owner, type, ttl, rdata)``; an owner of ``None``
+is the question name exactly as it was asked. Each answer record travels with the additional
+records that belong to it (an SRV target's address), so trimming keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .catalog.model import Target
+from .catalog.snapshot import Instance, InstanceSet, NodeRecord, Snapshot, node_labels
+from .config import Config
+from .names import Query, addr_hex, parse
+
+# record types
+A, NS, CNAME, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 16, 28, 33, 41, 255
+# response codes
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+
+Record = tuple[str | None, int, int, Any]
+
+
+@dataclass(slots=True)
+class Answer:
+    """A response before it is put on the wire."""
+
+    rcode: int = NOERROR
+    # (answer record, the additional records that exist only because of it)
+    answers: list[tuple[Record, tuple[Record, ...]]] = field(default_factory=list)
+    authority: list[Record] = field(default_factory=list)
+    additional: list[Record] = field(default_factory=list)
+    authoritative: bool = True
+    kind: str = ""  # the lookup kind, for metrics
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What resolution needs from the config, precomputed once."""
+
+    domain: str
+    local_dc: str
+    partition: str
+    node_ttl: int
+    service_ttls: dict[str, int]
+    ttl_prefixes: tuple[tuple[str, int], ...]  # ("db", 30) for "db*", longest first
+    only_passing: bool
+    a_record_limit: int
+    node_meta_txt: bool
+    translate_wan: bool
+    soa_refresh: int
+    soa_retry: int
+    soa_expire: int
+    soa_min_ttl: int
+    ns_glue: str | None  # address of ns.<domain>
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        dns = config.dns
+        exact = {k: int(v) for k, v in dns.service_ttl.items() if not k.endswith("*")}
+        prefixes = sorted(((k[:-1], int(v)) for k, v in dns.service_ttl.items()
+                           if k.endswith("*")), key=lambda kv: -len(kv[0]))
+        glue = config.advertise
+        if glue is None:
+            host = config.listen_addresses()[0][0]
+            glue = None if host in ("0.0.0.0", "::") else host
+        return cls(
+            domain=config.domain, local_dc=config.datacenter, partition=config.partition,
+            node_ttl=int(dns.node_ttl), service_ttls=exact, ttl_prefixes=tuple(prefixes),
+            only_passing=dns.only_passing, a_record_limit=dns.a_record_limit,
+            node_meta_txt=dns.enable_additional_node_meta_txt,
+            translate_wan=dns.translate_wan_addrs,
+            soa_refresh=dns.soa.refresh, soa_retry=dns.soa.retry, soa_expire=dns.soa.expire,
+            soa_min_ttl=dns.soa.min_ttl, ns_glue=glue,
+        )
+
+    def service_ttl(self, name: str) -> int:
+        ttl = self.service_ttls.get(name)
+        if ttl is not None:
+            return ttl
+        for prefix, value in self.ttl_prefixes:
+            if name.startswith(prefix):
+                return value
+        return 0
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+def _ip_record(owner: str | None, ttl: int, ip: str) -> Record | None:
+    """A or AAAA for an IP literal; None for a hostname."""
+    if ":" in ip:
+        try:
+            return (owner, AAAA, ttl, socket.inet_pton(socket.AF_INET6, ip))
+        except OSError:
+            return None
+    try:
+        return (owner, A, ttl, socket.inet_aton(ip)) if ip.count(".") == 3 and \
+            ip.replace(".", "").isdigit() else None
+    except OSError:
+        return None
+
+
+def soa_record(s: Settings, snap: Snapshot | None, domain: str) -> Record:
+    serial = snap.serial if snap is not None else 1
+    return (domain, SOA, s.soa_min_ttl, (f"ns.{domain}", f"hostmaster.{domain}", serial,
+                                         s.soa_refresh, s.soa_retry, s.soa_expire, s.soa_min_ttl))
+
+
+def _ns_records(s: Settings, domain: str) -> tuple[Record, tuple[Record, ...]]:
+    ns = (domain, NS, s.node_ttl, f"ns.{domain}")
+    glue = _ip_record(f"ns.{domain}", s.node_ttl, s.ns_glue) if s.ns_glue else None
+    return ns, ((glue,) if glue else ())
+
+
+def txt_meta(meta: dict[str, str] | Any) -> list[bytes]:
+    """Node meta as RFC 1464 ``key=value`` strings (``rfc1035-`` keys give the raw value)."""
+    out = []
+    for key, value in meta.items():
+        if key.lower().startswith("rfc1035-"):
+            text = value
+        else:
+            escaped = key.replace("`", "``").replace("=", "`=")
+            if escaped.startswith(" "):
+                escaped = "`" + escaped
+            if escaped.endswith(" "):
+                escaped = escaped[:-1] + "` "
+            text = f"{escaped}={value}"
+        out.append(text.encode("utf-8"))
+    return out
+
+
+def _txt_records(owner: str | None, ttl: int, meta: Any) -> list[Record]:
+    return [(owner, TXT, ttl, _chunks(text)) for text in txt_meta(meta)]
+
+
+def _chunks(text: bytes) -> tuple[bytes, ...]:
+    return tuple(text[i:i + 255] for i in range(0, len(text), 255)) or (b"",)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def _negative(s: Settings, snap: Snapshot | None, domain: str, rcode: int, kind: str) -> Answer:
+    return Answer(rcode, authority=[soa_record(s, snap, domain)], kind=kind)
+
+
+def nxdomain(s: Settings, snap: Snapshot | None, domain: str, kind: str = "invalid") -> Answer:
+    return _negative(s, snap, domain, NXDOMAIN, kind)
+
+
+def nodata(s: Settings, snap: Snapshot | None, domain: str, kind: str) -> Answer:
+    return _negative(s, snap, domain, NOERROR, kind)
+
+
+def resolve(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    """Answer ``query`` asked with ``qtype`` from ``snap``."""
+    domain = query.domain
+    if query.kind == "ptr":
+        return _ptr(query, qtype, snap, s)
+    if qtype == SOA:
+        ns, glue = _ns_records(s, domain)
+        return Answer(answers=[(soa_record(s, snap, domain), ())], authority=[ns],
+                      additional=list(glue), kind="soa")
+    if qtype == NS:
+        return Answer(answers=[_ns_records(s, domain)], kind="ns")
+    handler = _HANDLERS.get(query.kind)
+    if handler is None:
+        return nxdomain(s, snap, domain, query.kind)
+    return handler(query, qtype, snap, s)
+
+
+def _apex(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    # the apex exists (it has SOA and NS): other types are NODATA, never NXDOMAIN
+    return nodata(s, snap, query.domain, "apex")
+
+
+def _invalid(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    return nxdomain(s, snap, query.domain, "invalid")
+
+
+def _nameserver(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    """``ns.<domain>``, the target of our NS record, resolves to the glue address."""
+    glue = _ip_record(None, s.node_ttl, s.ns_glue) if s.ns_glue else None
+    if glue is None:
+        return nxdomain(s, snap, query.domain, "ns")
+    if qtype in (glue[1], ANY):
+        return Answer(answers=[(glue, ())], kind="ns")
+    return nodata(s, snap, query.domain, "ns")
+
+
+# --- localities ----------------------------------------------------------------------------
+
+
+Locality = tuple[str, str, str, str]  # (peer, datacenter, partition, namespace)
+
+
+def _known(snap: Snapshot, dc: str | None, peer: str | None, partition: str | None) -> bool:
+    return ((dc is None or dc in snap.datacenters) and (peer is None or peer in snap.peers)
+            and (partition is None or partition in snap.partitions))
+
+
+def _primary(query: Query, s: Settings) -> Locality:
+    peer = query.peer or ""
+    dc = "" if peer else (query.datacenter or s.local_dc)
+    return (peer, dc, query.partition or s.partition, query.namespace or "default")
+
+
+def _target_locality(t: Target, source: Locality, s: Settings) -> Locality:
+    peer = t.peer.lower() if t.peer else ""
+    if peer:
+        dc = ""
+    elif t.datacenter:
+        dc = t.datacenter.lower()
+    else:
+        dc = source[1] or s.local_dc
+    partition = t.partition.lower() if t.partition else ("default" if peer else source[2])
+    return (peer, dc, partition, t.namespace.lower() if t.namespace else source[3])
+
+
+def _localities(query: Query, snap: Snapshot, s: Settings) -> list[Locality] | None:
+    """Where a service lookup looks, in order (None: an unknown group)."""
+    primary = _primary(query, s)
+    if query.sameness_group:
+        group = snap.sameness_groups.get((primary[2], query.sameness_group))
+        if group is None:
+            return None
+        out = [primary] if group.include_local else []
+        out += [_member(m, primary, s) for m in group.members]
+        return list(dict.fromkeys(out))
+    out = [primary]
+    if query.kind not in ("service", "connect"):
+        return out
+    if not primary[0]:
+        targets = snap.failover.get(("", primary[1], primary[2], primary[3], query.name), ())
+        out += [_target_locality(t, primary, s) for t in targets]
+        group = snap.default_sameness.get(primary[2])
+        if group is not None and primary[1] == s.local_dc and query.datacenter is None:
+            out += [_member(m, primary, s) for m in group.members]
+    return list(dict.fromkeys(out))  # the empty locality is not tried twice
+
+
+def _member(m: Any, source: Locality, s: Settings) -> Locality:
+    if m.peer:
+        return (m.peer.lower(), "", "default", source[3])
+    return ("", s.local_dc, m.partition.lower(), source[3])
+
+
+def _find(index: Any, localities: Sequence[Locality], name: str, tag: str | None,
+          only_passing: bool) -> tuple[Locality, tuple[Instance, ...]] | None:
+    for loc in localities:
+        group: InstanceSet | None = index.get((*loc, name))
+        if group is None:
+            continue
+        found = group.healthy(only_passing)
+        if tag is not None:
+            found = tuple(i for i in found if tag in i.tags)
+        if found:
+            return loc, found
+    return None
+
+
+# --- service, connect, ingress -------------------------------------------------------------
+
+
+def _service(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    if not _known(snap, query.datacenter, query.peer, query.partition):
+        return nxdomain(s, snap, query.domain, query.kind)
+    localities = _localities(query, snap, s)
+    index = {"service": snap.services, "connect": snap.connect,
+             "ingress": snap.ingress}[query.kind]
+    found = _find(index, localities or (), query.name, query.tag, s.only_passing)
+    if found is None:
+        return nxdomain(s, snap, query.domain, query.kind)
+    ttl = s.service_ttl(query.name)
+    return instance_answer(found[1], qtype, ttl, s, snap, query.domain, query.kind)
+
+
+def instance_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Settings,
+                    snap: Snapshot, domain: str, kind: str) -> Answer:
+    """A/AAAA/SRV records for a set of healthy instances (shared with prepared queries)."""
+    if qtype in (A, AAAA, ANY):
+        return _address_answer(instances, qtype, ttl, s, snap, domain, kind)
+    if qtype == SRV:
+        return _srv_answer(instances, ttl, s, domain, kind)
+    return nodata(s, snap, domain, kind)
+
+
+def _translate(inst: Instance, s: Settings) -> bool:
+    return s.translate_wan and not inst.peer and inst.datacenter != s.local_dc
+
+
+def _address_for(inst: Instance, family: int, s: Settings) -> tuple[str, int, bool]:
+    """(address, port, translated) for the asked family (A or AAAA; ANY: as registered)."""
+    address, port, translated = inst.address, inst.port, False
+    tagged = inst.tagged
+    if _translate(inst, s):
+        wan = tagged.get("wan_ipv6" if family == AAAA else "wan_ipv4") or tagged.get("wan")
+        if wan is not None:
+            address, translated = wan.address, True
+            if wan.port:
+                port = wan.port
+    if family in (A, AAAA) and _is_ip(address) and (":" in address) != (family == AAAA):
+        other = tagged.get("lan_ipv6" if family == AAAA else "lan_ipv4")
+        if other is not None and not translated:
+            address = other.address
+    return address, port, translated
+
+
+def _is_ip(address: str) -> bool:
+    return ":" in address or (address.count(".") == 3 and address.replace(".", "").isdigit())
+
+
+def _address_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Settings,
+                    snap: Snapshot, domain: str, kind: str) -> Answer:
+    limit = s.a_record_limit or len(instances)
+    records: dict[bytes, Record] = {}
+    cname: str | None = None
+    used = 0
+    for inst in instances:
+        if used >= limit:
+            break
+        families = (A, AAAA) if qtype == ANY else (qtype,)
+        contributed = False
+        for family in families:
+            address, _, _ = _address_for(inst, family, s)
+            rec = _ip_record(None, ttl, address)
+            if rec is None:
+                cname = cname or address
+                contributed = True
+            elif rec[1] == family:
+                records.setdefault(rec[3], rec)
+                contributed = True
+        used += contributed
+    if records:
+        return Answer(answers=[(r, ()) for r in records.values()], kind=kind)
+    if cname is not None:
+        return _cname_answer(cname, qtype, ttl, s, snap, domain, kind)
+    return nodata(s, snap, domain, kind)
+
+
+def _cname_answer(host: str, qtype: int, ttl: int, s: Settings, snap: Snapshot, domain: str,
+                  kind: str, depth: int = 0) -> Answer:
+    """``qname CNAME host`` plus host's records when host is itself under our domain."""
+    answer = Answer(answers=[((None, CNAME, ttl, host), ())], kind=kind)
+    labels = tuple(host.split("."))
+    dl = tuple(domain.split("."))
+    if depth < 3 and labels[-len(dl):] == dl:
+        inner = parse(labels[:-len(dl)], domain)
+        if inner.kind in ("service", "node", "virtual", "addr", "connect", "ingress"):
+            sub = resolve(inner, qtype, snap, s)
+            for (owner, rtype, _ttl, rdata), _extra in sub.answers:
+                if rtype in (A, AAAA):
+                    answer.answers.append(((host if owner is None else owner, rtype, ttl,
+                                            rdata), ()))
+    return answer
+
+
+def _locality_labels(inst: Instance) -> str:
+    return f"{inst.peer}.peer" if inst.peer else inst.datacenter
+
+
+def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, domain: str,
+                kind: str) -> Answer:
+    seen: set[tuple[str, str, int]] = set()
+    answers: list[tuple[Record, tuple[Record, ...]]] = []
+    for inst in instances:
+        address, port, translated = _address_for(inst, ANY, s)
+        key = (inst.node.name, address, port)
+        if key in seen:
+            continue
+        seen.add(key)
+        weight = inst.weight_warning if inst.status == "warning" else inst.weight_passing
+        extra: list[Record] = []
+        if not _is_ip(address):
+            target = address
+        else:
+            if inst.own_address or translated:
+                target = f"{addr_hex(address)}.addr.{_locality_labels(inst)}.{domain}"
+            else:
+                target = ".".join(node_labels(inst.node)) + "." + domain
+            glue = _ip_record(target, ttl, address)
+            if glue is not None:
+                extra.append(glue)
+            if s.node_meta_txt and inst.node.meta:
+                extra.extend(_txt_records(target, ttl, inst.node.meta))
+        answers.append(((None, SRV, ttl, (1, weight, port, target)), tuple(extra)))
+    return Answer(answers=answers, kind=kind)
+
+
+# --- node, virtual, addr, prepared query, PTR ----------------------------------------------
+
+
+def _node(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    if not _known(snap, query.datacenter, query.peer, query.partition):
+        return nxdomain(s, snap, query.domain, "node")
+    peer = query.peer or ""
+    dc = "" if peer else (query.datacenter or s.local_dc)
+    node = snap.node(peer, dc, query.partition or s.partition, query.name)
+    if node is None:
+        return nxdomain(s, snap, query.domain, "node")
+    return node_answer(node, qtype, snap, s, query.domain)
+
+
+def node_answer(node: NodeRecord, qtype: int, snap: Snapshot, s: Settings,
+                domain: str) -> Answer:
+    ttl = s.node_ttl
+    answer = Answer(kind="node")
+    if qtype in (A, AAAA, ANY):
+        address = node.address
+        if s.translate_wan and not node.peer and node.datacenter != s.local_dc:
+            wan = node.tagged.get("wan_ipv6" if qtype == AAAA else "wan_ipv4") or \
+                node.tagged.get("wan")
+            address = wan.address if wan is not None else address
+        rec = _ip_record(None, ttl, address)
+        if rec is None:
+            return _cname_answer(address, qtype, ttl, s, snap, domain, "node")
+        if qtype == ANY or rec[1] == qtype:
+            answer.answers.append((rec, ()))
+            if s.node_meta_txt and qtype != ANY:
+                answer.additional.extend(_txt_records(None, ttl, node.meta))
+    if qtype in (TXT, ANY):
+        answer.answers.extend((r, ()) for r in _txt_records(None, ttl, node.meta))
+    if not answer.answers:
+        return nodata(s, snap, domain, "node")
+    return answer
+
+
+def _virtual(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    if not _known(snap, None, query.peer, query.partition):
+        return nxdomain(s, snap, query.domain, "virtual")
+    key = (query.peer or "", query.partition or s.partition, query.namespace or "default",
+           query.name)
+    ip = snap.vips.get(key)
+    if ip is None:
+        return nxdomain(s, snap, query.domain, "virtual")
+    if qtype not in (A, ANY):
+        return nodata(s, snap, query.domain, "virtual")
+    return Answer(answers=[((None, A, s.node_ttl, socket.inet_aton(ip)), ())], kind="virtual")
+
+
+def _addr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    raw = bytes.fromhex(query.name)
+    rtype = A if len(raw) == 4 else AAAA
+    rec: Record = (None, rtype, s.node_ttl, raw)
+    if qtype in (rtype, ANY):
+        return Answer(answers=[(rec, ())], kind="addr")
+    answer = nodata(s, snap, query.domain, "addr")
+    answer.additional.append(rec)
+    return answer
+
+
+def _prepared(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    pq = snap.prepared_queries.get(query.name)
+    if pq is None or not _known(snap, query.datacenter, None, None):
+        return nxdomain(s, snap, query.domain, "query")
+    dc = query.datacenter or s.local_dc
+    source: Locality = ("", dc, pq.partition.lower(), pq.namespace.lower())
+    localities = [source] + _query_failover(pq, source, snap, s)
+    tags = [t.lower() for t in pq.tags]
+    only_passing = pq.only_passing or s.only_passing
+    name = pq.service.lower()
+    for loc in dict.fromkeys(localities):
+        group = snap.services.get((*loc, name))
+        if group is None:
+            continue
+        found = [i for i in group.healthy(only_passing) if _tags_match(i.tags, tags)]
+        if found:
+            ttl = int(pq.ttl) if pq.ttl is not None else s.service_ttl(name)
+            return instance_answer(found, qtype, ttl, s, snap, query.domain, "query")
+    return nxdomain(s, snap, query.domain, "query")
+
+
+def _tags_match(have: frozenset[str], wanted: list[str]) -> bool:
+    return all((t[1:] not in have) if t.startswith("!") else (t in have) for t in wanted)
+
+
+def _query_failover(pq: Any, source: Locality, snap: Snapshot, s: Settings) -> list[Locality]:
+    f = pq.failover
+    dc = source[1]
+    out: list[Locality] = []
+    if f.nearest_n:
+        others = [d for d in snap.datacenters if d != dc and (dc, d) in snap.rtt]
+        others.sort(key=lambda d: (snap.rtt[(dc, d)], d))
+        out += [("", d, source[2], source[3]) for d in others[: f.nearest_n]]
+    out += [("", d.lower(), source[2], source[3]) for d in f.datacenters
+            if d.lower() in snap.datacenters]
+    out += [_target_locality(t, source, s) for t in f.targets]
+    return out
+
+
+def _ptr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+    labels = snap.ptr.get(query.name)
+    if labels is None:
+        return nxdomain(s, snap, s.domain, "ptr")
+    if qtype not in (PTR, ANY):
+        return nodata(s, snap, s.domain, "ptr")
+    target = ".".join(labels) + "." + s.domain
+    return Answer(answers=[((None, PTR, 0, target), ())], kind="ptr")
+
+
+_HANDLERS: dict[str, Callable[[Query, int, Snapshot, Settings], Answer]] = {
+    "service": _service,
+    "connect": _service,
+    "ingress": _service,
+    "node": _node,
+    "virtual": _virtual,
+    "addr": _addr,
+    "query": _prepared,
+    "apex": _apex,
+    "invalid": _invalid,
+    "nameserver": _nameserver,
+}

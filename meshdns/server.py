@@ -1,0 +1,325 @@
+"""Sockets and the event loop: UDP and TCP listeners, recursor forwarding, catalog reloads.
+
+Everything DNS is decided by ``Responder``; this module moves bytes and swaps snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .catalog.file import file_signature, load_snapshot
+from .catalog.snapshot import Snapshot
+from .config import Config
+from .errors import ConfigError
+from .metrics import Metrics
+from .responder import Forward, Responder
+from .wire import Question, plain_reply
+
+log = logging.getLogger("meshdns")
+
+TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may sit without a complete query
+TCP_MAX_CONNECTIONS = 1024
+SAMPLE_EVERY = 64  # cache hits between two timed ones (timing every hit costs ~5%)
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self._n = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self._n += 1
+        timed = self._n % SAMPLE_EVERY == 0
+        start = time.perf_counter() if timed else 0.0
+        try:
+            reply = self.server.responder.respond(data, False)
+        except Exception:  # never die on a packet
+            log.exception("internal error answering a UDP query")
+            return
+        if reply is None:
+            return
+        if isinstance(reply, Forward):
+            asyncio.ensure_future(self.server.forward(reply, False, self._send(addr)))
+            return
+        self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+        if timed:
+            self.server.metrics.observe(time.perf_counter() - start)
+
+    def _send(self, addr: tuple) -> Callable[[bytes], None]:
+        return lambda reply: self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+
+    def error_received(self, exc: Exception) -> None:  # ICMP errors: nothing to do
+        pass
+
+
+class TcpProtocol(asyncio.Protocol):
+    """Length-prefixed messages; replies in order; closes idle or abusive connections."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.server.tcp_connections) >= TCP_MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.server.tcp_connections.add(self)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.tcp_connections.discard(self)
+        if self.idle:
+            self.idle.cancel()
+
+    def _arm(self) -> None:
+        if self.idle:
+            self.idle.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_later(TCP_IDLE_TIMEOUT, self.transport.close)  # type: ignore
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 2:
+            size = struct.unpack_from("!H", self.buffer)[0]
+            if len(self.buffer) < 2 + size:
+                break
+            message = bytes(self.buffer[2:2 + size])
+            del self.buffer[:2 + size]
+            self._arm()
+            start = time.perf_counter()
+            try:
+                reply = self.server.responder.respond(message, True)
+            except Exception:
+                log.exception("internal error answering a TCP query")
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            if reply is None:
+                continue
+            if isinstance(reply, Forward):
+                asyncio.ensure_future(self.server.forward(reply, True, self._write))
+                continue
+            self._write(reply)
+            self.server.metrics.observe(time.perf_counter() - start)
+
+    def _write(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(struct.pack("!H", len(reply)) + reply)
+
+
+class DnsServer:
+    """Listeners on every configured address, a responder, and the catalog reload loop."""
+
+    def __init__(self, config: Config, snapshot: Snapshot, catalog_path: Path | None) -> None:
+        self.config = config
+        self.metrics = Metrics(generation=snapshot.generation, loaded_at=snapshot.loaded_at)
+        self.responder = Responder(config, snapshot, self.metrics)
+        self.catalog_path = catalog_path
+        self.transports: list[asyncio.BaseTransport] = []
+        self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.tcp_connections: set[TcpProtocol] = set()
+        self.bound: list[tuple[str, int]] = []
+        self.last_reload_error: str | None = None
+        self._signature = file_signature(catalog_path) if catalog_path else None
+        self._reloading = False
+        self._stopping = asyncio.Event()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.responder.snapshot
+
+    async def start(self, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.listen_addresses():
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # TCP first: with port 0 the kernel picks a port, and UDP then takes the same one
+            tcp_sock = socket.socket(family, socket.SOCK_STREAM)
+            tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+            if reuse_port:
+                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                tcp_sock.bind((host, port))
+                port = tcp_sock.getsockname()[1]
+                udp_sock.bind((host, port))
+            except OSError as exc:
+                tcp_sock.close()
+                udp_sock.close()
+                msg = f"cannot listen on {host}:{port}: {exc.strerror}"
+                raise OSError(exc.errno, msg) from None
+            udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            tcp_sock.listen(512)
+            tcp_sock.setblocking(False)
+            udp_sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpProtocol(self), sock=udp_sock)
+            self.transports.append(transport)
+            self.tcp_servers.append(await loop.create_server(lambda: TcpProtocol(self),
+                                                             sock=tcp_sock))
+            self.bound.append((host, port))
+
+    async def forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
+        """Ask the recursors in turn; pass back the first NOERROR/NXDOMAIN reply."""
+        question = item.question
+        timeout = self.config.dns.recursor_timeout
+        for host, port in self.config.dns.recursor_addresses():
+            try:
+                reply = await asyncio.wait_for(
+                    _exchange(item.data, host, port, tcp), timeout)
+            except (TimeoutError, OSError, ValueError) as exc:
+                log.debug("recursor %s:%s failed: %s", host, port, exc)
+                continue
+            if len(reply) >= 12 and reply[:2] == item.data[:2] and reply[3] & 0xF in (0, 3):
+                send(reply)
+                return
+        self.metrics.forward_failures += 1
+        send(plain_reply(question, 2, recursion_available=True))
+
+    # --- catalog reloads -----------------------------------------------------------------
+
+    async def watch_catalog(self) -> None:
+        """Poll the catalog file's identity; reload when it changes."""
+        if self.catalog_path is None:
+            return
+        interval = self.config.catalog.poll_interval
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval)
+            signature = file_signature(self.catalog_path)
+            if signature is not None and signature != self._signature:
+                await self.reload("file changed")
+
+    async def reload(self, why: str) -> bool:
+        """Build a new snapshot off the event loop and swap it in; keep the old one on error."""
+        if self.catalog_path is None or self._reloading:
+            return False
+        self._reloading = True
+        path = self.catalog_path
+        try:
+            signature = file_signature(path)
+            started = time.perf_counter()
+            snapshot = await asyncio.to_thread(
+                load_snapshot, path, local_datacenter=self.config.datacenter,
+                vip_range=self.config.virtual_ip_range, previous=self.snapshot)
+        except ConfigError as exc:
+            self._signature = signature
+            self.metrics.reload_errors += 1
+            self.last_reload_error = str(exc)
+            for problem in exc.problems:
+                log.error("catalog reload refused, still serving generation %d: %s",
+                          self.snapshot.generation, problem)
+            return False
+        finally:
+            self._reloading = False
+        self._signature = signature
+        self.responder.swap(snapshot)
+        self.last_reload_error = None
+        self.metrics.reloads += 1
+        self.metrics.generation = snapshot.generation
+        self.metrics.loaded_at = snapshot.loaded_at
+        log.info("catalog reloaded (%s): generation %d, %d nodes, %d instances in %.0f ms",
+                 why, snapshot.generation, snapshot.counts["nodes"],
+                 snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
+        return True
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for transport in self.transports:
+            transport.close()
+        for srv in self.tcp_servers:
+            srv.close()
+        for conn in list(self.tcp_connections):
+            if conn.transport:
+                conn.transport.close()
+        for srv in self.tcp_servers:
+            await srv.wait_closed()
+
+
+async def _exchange(data: bytes, host: str, port: int, tcp: bool) -> bytes:
+    loop = asyncio.get_running_loop()
+    if tcp:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(data)) + data)
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+            return await reader.readexactly(size)
+        finally:
+            writer.close()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    class _Client(asyncio.DatagramProtocol):
+        def datagram_received(self, reply: bytes, addr: tuple) -> None:
+            if not future.done() and reply[:2] == data[:2]:
+                future.set_result(reply)
+
+        def error_received(self, exc: Exception) -> None:
+            if not future.done():
+                future.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(
+        _Client, remote_addr=(host, port), family=family)
+    try:
+        transport.sendto(data)
+        return await future
+    finally:
+        transport.close()
+
+
+def install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
+              ready: Callable[[DnsServer], None] | None = None, reuse_port: bool = False,
+              admin: bool = True) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the catalog."""
+    server = DnsServer(config, snapshot, catalog_path)
+    await server.start(reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP,
+                            lambda: asyncio.ensure_future(server.reload("SIGHUP")))
+    admin_runner = None
+    if admin and config.admin.listen:
+        from .admin import start_admin
+
+        admin_runner = await start_admin(server, config.admin.listen)
+    for host, port in server.bound:
+        log.info("serving DNS on %s:%d (udp, tcp), pid %d", host, port, os.getpid())
+    if ready:
+        ready(server)
+    watcher = asyncio.ensure_future(server.watch_catalog())
+    await stop.wait()
+    log.info("stopping: draining TCP connections")
+    watcher.cancel()
+    await server.stop()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+__all__ = ["DnsServer", "Question", "install_uvloop", "run"]
