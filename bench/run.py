@@ -110,6 +110,7 @@ _STATS = {
     "stddev_s": r"Latency StdDev \(s\):\s+([\d.]+)",
     "resp_bytes": r"Average packet size:\s+request \d+, response (\d+)",
     "run_s": r"Run time \(s\):\s+([\d.]+)",
+    "reconnections": r"Reconnections:\s+(\d+)",
 }
 
 
@@ -244,6 +245,9 @@ def measure(args, name: str, wl: Workload, files: srv.ZoneFiles, qfile: Path,
         row.max_ms = _ms(stats.get("max_s"))
         row.resp_bytes = int(stats.get("resp_bytes", 0))
         row.rcodes = stats.get("rcodes", {})
+        if stats.get("reconnections"):
+            row.notes.append(f"server closed TCP connections: dnsperf reconnected "
+                             f"{int(stats['reconnections'])} times (queries in flight are lost)")
         if row.completed == 0:
             raise RuntimeError("no query completed")
         if wl.once:  # a warm server would not be cold any more: start it afresh

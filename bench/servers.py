@@ -211,7 +211,8 @@ def cpu_seconds(pid: int) -> float:
         try:
             with open(f"/proc/{p}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            # utime, stime, and cutime, cstime: reaped children (dnsmasq forks per TCP client)
+            total += sum(int(v) for v in fields[11:15])
         except (OSError, IndexError, ValueError):
             continue
     return total / CLK_TCK
