@@ -113,8 +113,14 @@ def main() -> int:
     host, _, port = args.listen.rpartition(":")
     resolver = ZoneResolver(json.loads(args.records.read_text()))
     servers = [
-        DNSServer(resolver, address=host, port=int(port), tcp=tcp, logger=QuietLogger(),
-                  handler=FairHandler)
+        DNSServer(
+            resolver,
+            address=host,
+            port=int(port),
+            tcp=tcp,
+            logger=QuietLogger(),
+            handler=FairHandler,
+        )
         for tcp in (False, True)
     ]
     stop = threading.Event()

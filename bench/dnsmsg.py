@@ -18,7 +18,9 @@ def build_query(name: str, qtype: str, qid: int, edns_size: int = 0) -> bytes:
     """A standard query with RD set; an OPT record advertising `edns_size` when it is non-zero."""
     header = struct.pack("!HHHHHH", qid & 0xFFFF, 0x0100, 1, 0, 0, 1 if edns_size else 0)
     qname = b"".join(
-        bytes([len(label)]) + label.encode("ascii") for label in name.rstrip(".").split(".") if label
+        bytes([len(label)]) + label.encode("ascii")
+        for label in name.rstrip(".").split(".")
+        if label
     )
     question = qname + b"\x00" + struct.pack("!HH", QTYPES[qtype.upper()], 1)
     opt = b"\x00" + struct.pack("!HHIH", 41, edns_size, 0, 0) if edns_size else b""

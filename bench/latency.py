@@ -176,8 +176,17 @@ def main() -> int:
     except (ImportError, AttributeError):
         run = asyncio.run
     result = run(
-        probe(host, int(port), queries, args.rate, args.seconds, args.count, args.timeout,
-              args.tcp, args.edns)
+        probe(
+            host,
+            int(port),
+            queries,
+            args.rate,
+            args.seconds,
+            args.count,
+            args.timeout,
+            args.tcp,
+            args.edns,
+        )
     )
     print(json.dumps(result))
     return 0

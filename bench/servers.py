@@ -7,6 +7,7 @@ that run.sh's exit trap reads, so nothing outlives the bench even if run.py is k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,21 +155,39 @@ def server_command(name: str, files: ZoneFiles, port: int, run_dir: Path, opts: 
     listen = f"127.0.0.1:{port}"
     if name == "meshdns":
         return [
-            *meshdns_command(), "serve", "--config", str(_meshdns_conf(run_dir, opts)),
-            "--catalog", str(files.catalog), "--listen", listen,
+            *meshdns_command(),
+            "serve",
+            "--config",
+            str(_meshdns_conf(run_dir, opts)),
+            "--catalog",
+            str(files.catalog),
+            "--listen",
+            listen,
         ]
     if name == "dnsmasq":
         return [
-            "dnsmasq", "-k", f"--conf-file={files.dnsmasq}", "--no-resolv", "--no-hosts",
-            f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-            "--cache-size=10000", "--local=/consul/", "--pid-file=",
+            "dnsmasq",
+            "-k",
+            f"--conf-file={files.dnsmasq}",
+            "--no-resolv",
+            "--no-hosts",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--cache-size=10000",
+            "--local=/consul/",
+            "--pid-file=",
         ]
     if name == "unbound":
         return ["unbound", "-d", "-c", str(_unbound_conf(run_dir, files, port))]
     if name == "dnslib":
         return [
-            sys.executable, str(BENCH_DIR / "dnslib_baseline.py"),
-            "--records", str(files.dnslib), "--listen", listen,
+            sys.executable,
+            str(BENCH_DIR / "dnslib_baseline.py"),
+            "--records",
+            str(files.dnslib),
+            "--listen",
+            listen,
         ]
     raise ValueError(f"unknown server {name!r}")
 
@@ -256,24 +275,19 @@ class Running:
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM the process group, SIGKILL after `grace`; the exit code (None if killed)."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 return self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.notes.append(f"did not exit {grace:.0f}s after SIGTERM; killed")
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(5)
                 return None
-        try:  # the leader is gone; make sure no worker of its group lingers
+        # The leader is gone; make sure no worker of its group lingers.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         return self.proc.returncode
 
 
@@ -287,8 +301,12 @@ def start(name: str, files: ZoneFiles, run_dir: Path, opts: Options, ready_probe
         fh.write((" ".join(command) + "\n").encode())
         fh.flush()
         proc = subprocess.Popen(
-            command, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=run_dir,
+            command,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=run_dir,
         )
     if opts.pidfile:
         with open(opts.pidfile, "a") as fh:
@@ -302,12 +320,14 @@ def start(name: str, files: ZoneFiles, run_dir: Path, opts: Options, ready_probe
                 f"{name} exited with {proc.returncode} before answering; log {log}:\n"
                 + running.log_tail()
             )
-        reply = udp_ask("127.0.0.1", port, ready_probe.name, ready_probe.qtype, timeout=0.2,
-                        edns_size=4096)
+        reply = udp_ask(
+            "127.0.0.1", port, ready_probe.name, ready_probe.qtype, timeout=0.2, edns_size=4096
+        )
         if reply is not None:
             last = f"{reply.rcode}, {reply.answers} answers"
             if reply.rcode == ready_probe.rcode and reply.answers >= ready_probe.min_answers:
                 running.ready_s = time.monotonic() - running.started
+                settle(running, deadline)
                 return running
         time.sleep(0.1)
     running.stop()
@@ -317,12 +337,25 @@ def start(name: str, files: ZoneFiles, run_dir: Path, opts: Options, ready_probe
     )
 
 
+def settle(running: Running, deadline: float, idle_share: float = 0.05) -> None:
+    """Wait until the server's process tree is idle: what answered first may not be all of it
+    (meshdns's `workers` start one after another, each loading the catalog)."""
+    quiet = 0
+    before = cpu_seconds(running.pid)
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = cpu_seconds(running.pid)
+        quiet = quiet + 1 if after - before < idle_share * 0.25 else 0
+        before = after
+
+
 def check_answers(running: Running, probes: list[zonemod.Probe]) -> list[str]:
     """Mismatches between what the server answers and what the zone says (EDNS 4096, UDP)."""
     problems = []
     for probe in probes:
-        reply = udp_ask("127.0.0.1", running.port, probe.name, probe.qtype, timeout=1.0,
-                        edns_size=4096)
+        reply = udp_ask(
+            "127.0.0.1", running.port, probe.name, probe.qtype, timeout=1.0, edns_size=4096
+        )
         if reply is None:
             problems.append(f"{probe.name} {probe.qtype}: no reply")
         elif reply.rcode != probe.rcode or reply.answers < probe.min_answers:

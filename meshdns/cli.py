@@ -78,15 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
              snapshot.counts["nodes"], snapshot.counts["instances"],
              snapshot.counts["virtual_ips"])
     from .server import install_uvloop, run
+    from .workers import is_worker, serve_workers
 
-    if config.workers > 1:
-        from .workers import serve_workers
-
-        return serve_workers(config, catalog)
-    loop_name = install_uvloop()
-    log.debug("event loop: %s", loop_name)
     try:
-        return asyncio.run(run(config, snapshot, catalog))
+        if config.workers > 1 and not is_worker():
+            return serve_workers(config, catalog, args.config)
+        log.debug("event loop: %s", install_uvloop())
+        return asyncio.run(run(config, snapshot, catalog, reuse_port=is_worker()))
     except OSError as exc:
         log.error("%s", exc)
         return 1

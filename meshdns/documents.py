@@ -168,15 +168,12 @@ def problems_from(doc: Document, errors: Sequence[Any]) -> list[str]:
     for err in errors:
         loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
         # pydantic adds union-branch names ("str", "function-after[...]") to loc: drop them
-        loc = _real_path(doc.data, loc)
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        out.append(f"{doc.where(loc)}: {msg}")
+        loc = real_path(doc.data, loc)
+        out.append(f"{doc.where(loc)}: {error_message(err)}")
     return out
 
 
-def _real_path(data: Any, loc: PathKey) -> PathKey:
+def real_path(data: Any, loc: PathKey) -> PathKey:
     """Keep the prefix of ``loc`` that exists in the data, plus a missing final key."""
     out: list[str | int] = []
     node = data
@@ -190,3 +187,11 @@ def _real_path(data: Any, loc: PathKey) -> PathKey:
             out.append(part)  # a missing required field: name it
             break
     return tuple(out)
+
+
+def error_message(err: Any) -> str:
+    """A pydantic error dict as a reason a user can act on."""
+    if err.get("type") == "string_pattern_mismatch":
+        return (f"{err.get('input')!r} cannot be used in a DNS name "
+                "(letters, digits, '-', '_' and '.', at most 63 characters)")
+    return str(err["msg"]).removeprefix("Value error, ")

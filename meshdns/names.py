@@ -145,9 +145,7 @@ def _addr(parts: tuple[str, ...], suffix: tuple[str, ...], domain: str) -> Query
     loc = _locality(suffix, bare_is_peer=False)
     if loc is None or len(parts) != 1 or len(parts[0]) not in (8, 32):
         return _invalid(domain)
-    try:
-        bytes.fromhex(parts[0])
-    except ValueError:
+    if parts[0].strip("0123456789abcdef"):  # bytes.fromhex would skip spaces: check digits
         return _invalid(domain)
     return Query("addr", domain, parts[0], datacenter=loc.get("dc"), peer=loc.get("peer"))
 
@@ -167,7 +165,7 @@ def parse_reverse(labels: tuple[str, ...]) -> str | None:
     """The IP address of a ``…in-addr.arpa`` / ``…ip6.arpa`` name (lowercase labels), or None."""
     if labels[-2:] == ("in-addr", "arpa") and len(labels) == 6:
         octets = labels[3::-1]
-        if all(o.isdigit() and len(o) <= 3 and int(o) <= 255 for o in octets):
+        if all(o.isascii() and o.isdigit() and len(o) <= 3 and int(o) <= 255 for o in octets):
             return ".".join(str(int(o)) for o in octets)
         return None
     if labels[-2:] == ("ip6", "arpa") and len(labels) == 34:

@@ -218,7 +218,8 @@ def _target_locality(t: Target, source: Locality, s: Settings) -> Locality:
         dc = t.datacenter.lower()
     else:
         dc = source[1] or s.local_dc
-    partition = t.partition.lower() if t.partition else ("default" if peer else source[2])
+    # a peer's services are imported into a local partition: the source's, unless named
+    partition = t.partition.lower() if t.partition else source[2]
     return (peer, dc, partition, t.namespace.lower() if t.namespace else source[3])
 
 
@@ -245,8 +246,8 @@ def _localities(query: Query, snap: Snapshot, s: Settings) -> list[Locality] | N
 
 
 def _member(m: Any, source: Locality, s: Settings) -> Locality:
-    if m.peer:
-        return (m.peer.lower(), "", "default", source[3])
+    if m.peer:  # imported into the group's partition (the source's), as a peer lookup there
+        return (m.peer.lower(), "", source[2], source[3])
     return ("", s.local_dc, m.partition.lower(), source[3])
 
 
@@ -484,8 +485,10 @@ def _query_failover(pq: Any, source: Locality, snap: Snapshot, s: Settings) -> l
     dc = source[1]
     out: list[Locality] = []
     if f.nearest_n:
-        others = [d for d in snap.datacenters if d != dc and (dc, d) in snap.rtt]
-        others.sort(key=lambda d: (snap.rtt[(dc, d)], d))
+        # as Consul: datacenters without a known RTT sort after those with one, by name
+        inf = float("inf")
+        others = sorted((d for d in snap.datacenters if d != dc),
+                        key=lambda d: (snap.rtt.get((dc, d), inf), d))
         out += [("", d, source[2], source[3]) for d in others[: f.nearest_n]]
     out += [("", d.lower(), source[2], source[3]) for d in f.datacenters
             if d.lower() in snap.datacenters]

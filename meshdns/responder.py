@@ -23,6 +23,7 @@ from .wire import (
     CLASS_ANY,
     CLASS_IN,
     Drop,
+    Limits,
     Question,
     Reject,
     encode,
@@ -76,7 +77,10 @@ class Responder:
         key = data[2:]
         entry = cache.get(key)
         if entry is not None:
-            variants, turn, counter_key = entry
+            variants, turn, counter_key, pending = entry
+            if pending is not None:  # asked again: now it pays to have every order ready
+                variants = entry[0] = self._orders_of(*pending)
+                entry[3] = None
             entry[1] = turn + 1
             self.metrics.queries[counter_key] += 1
             if turn >= REBUILD_AFTER:
@@ -112,12 +116,15 @@ class Responder:
         limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
                             self.config.dns.enable_truncate)
         flags = reply_flags(question.flags, answer, self.recursion)
-        variants = [encode(question, answer, order, limits, flags)
-                    for order in self._orders(len(answer.answers))]
-        if variants[0][2] & 0x02:
+        count = len(answer.answers)
+        order = self._random.sample(range(count), count) if count > 1 else None
+        reply = encode(question, answer, order, limits, flags)
+        if reply[2] & 0x02:
             metrics.truncated += 1
-        self._store(cache, key, [v[2:] for v in variants], counter_key)
-        return data[:2] + variants[0][2:]
+        # One order now; the others only if the question comes again (the cold path pays once).
+        pending = (question, answer, limits, flags) if count > 1 else None
+        self._store(cache, key, [reply[2:]], counter_key, pending)
+        return data[:2] + reply[2:]
 
     def answer(self, question: Question) -> tuple[Answer | None, bool]:
         """Resolve a parsed question: (answer, False), (None, True) to forward, or (None, False)
@@ -144,23 +151,24 @@ class Responder:
             return None, True
         return nxdomain(self.settings, snap, self.config.domain, "ptr"), False
 
-    def _orders(self, count: int) -> list[list[int] | None]:
-        if count < 2:
-            return [None]
-        base = list(range(count))
-        self._random.shuffle(base)
+    def _orders_of(self, question: Question, answer: Answer, limits: Limits,
+                   flags: int) -> list[bytes]:
+        """The reply in up to MAX_ORDERS answer orders: rotations of one random order, so
+        every record takes its turn first (what round-robin clients rely on)."""
+        count = len(answer.answers)
+        base = self._random.sample(range(count), count)
         n = min(count, MAX_ORDERS)
-        return [base[i * count // n:] + base[: i * count // n] for i in range(n)]
+        orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
+        return [encode(question, answer, order, limits, flags)[2:] for order in orders]
 
     def _store(self, cache: dict[bytes, list], key: bytes, variants: list[bytes],
-               counter_key: tuple[str, str, str]) -> None:
+               counter_key: tuple[str, str, str], pending: tuple | None = None) -> None:
         if not self.cache_enabled:
             return
         if len(cache) >= self.cache_size:  # drop the oldest tenth (dicts keep insertion order)
             for old in list(islice(cache, max(1, self.cache_size // 10))):
                 del cache[old]
-        start = self._random.randrange(len(variants)) if len(variants) > 1 else 0
-        cache[key] = [variants, start, counter_key]
+        cache[key] = [variants, self._random.randrange(MAX_ORDERS), counter_key, pending]
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

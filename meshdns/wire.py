@@ -108,7 +108,7 @@ def parse_query(data: bytes) -> Question:
         if length > 63:  # a compression pointer or a reserved label type: never in a question
             raise Reject(FORMERR, data)
         end = pos + 1 + length
-        if end > size or end - 12 > 255:
+        if end > size or end - 12 > 254:  # 255 octets at most, with the root's zero byte
             raise Reject(FORMERR, data)
         labels.append(data[pos + 1:end])
         pos = end
@@ -131,22 +131,31 @@ def parse_query(data: bytes) -> Question:
         text = name.decode("ascii")
     except UnicodeDecodeError:
         text = name.decode("latin-1")  # matches nothing; still echoed byte for byte
-    return Question(ident, flags, tuple(text.lower().split(".")) if labels else (), text,
-                    qtype, qclass, raw, edns)
+    parts = tuple(text.lower().split(".")) if labels else ()
+    if len(parts) != len(labels):  # a label holds a "." byte: it stays one label (matches nothing)
+        parts = tuple(label.decode("latin-1").lower() for label in labels)
+    return Question(ident, flags, parts, text, qtype, qclass, raw, edns)
 
 
 def _skip_name(data: bytes, pos: int) -> int:
     size = len(data)
+    end = 0  # where the name ends in the record, once a pointer was met
+    limit = pos  # each pointer goes before the previous target: no loops (as dnspython)
     while True:
         if pos >= size:
             raise ValueError
         length = data[pos]
         if length == 0:
-            return pos + 1
+            return end or pos + 1
         if length & 0xC0 == 0xC0:
-            if pos + 2 > size or ((length & 0x3F) << 8 | data[pos + 1]) >= pos:
-                raise ValueError  # pointers only point backwards: no loops
-            return pos + 2
+            if pos + 2 > size:
+                raise ValueError
+            target = (length & 0x3F) << 8 | data[pos + 1]
+            if target >= limit:
+                raise ValueError
+            end = end or pos + 2
+            limit = pos = target
+            continue
         if length > 63:
             raise ValueError
         pos += 1 + length
@@ -191,6 +200,10 @@ def _find_ecs(data: bytes, pos: int, end: int, raw: bytes) -> bytes | None:
             body = data[pos + 4:pos + 4 + length]
             if length < 4 or body[0:2] not in (b"\x00\x01", b"\x00\x02"):
                 raise Reject(FORMERR, data, raw)
+            source = body[2]
+            if (source > (32 if body[1] == 1 else 128) or length - 4 != (source + 7) // 8
+                    or (source % 8 and body[-1] & (0xFF >> source % 8))):
+                raise Reject(FORMERR, data, raw)  # RFC 7871 6: the address is the prefix
             ecs = body[:3] + b"\x00" + body[4:]  # scope 0: the answer is the same for all
         pos += 4 + length
     return ecs
@@ -338,7 +351,10 @@ def _encode(question: Question, answer: Answer, answers: Sequence[tuple[Record, 
     opt = _opt(question.edns, answer.rcode)
     header = _HEADER.pack(0, flags, 1, len(answers), len(answer.authority),
                           len(extras) + (opt is not None))
-    writer = _Writer(header, question.raw, question.name)
+    qname = question.name
+    if qname.count(".") + 1 != len(question.labels):  # a label holds a "." byte: offsets
+        qname = ""  # computed from the text would be wrong, so compress nothing against it
+    writer = _Writer(header, question.raw, qname)
     for rec, _ in answers:
         writer.record(rec)
     for rec in answer.authority:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from importlib import resources
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..documents import Document, problems_from, read_document, validate
+from ..documents import Document, problems_from, read_document, real_path, validate
 from ..errors import ConfigError
-from .model import Catalog
+from .model import Catalog, CatalogFile
 from .snapshot import CatalogProblems, Snapshot, build_snapshot
 
 
@@ -29,7 +30,7 @@ def read_catalog(path: Path) -> tuple[Catalog, Document | None]:
     doc = read_document(path)
     if doc.data is not None and not isinstance(doc.data, dict):
         raise ConfigError([f"{doc.where(())}: expected a mapping with nodes, services, ..."])
-    return validate(doc, Catalog), doc
+    return validate(doc, CatalogFile), doc
 
 
 def _read_json(path: Path) -> Catalog:
@@ -39,7 +40,7 @@ def _read_json(path: Path) -> Catalog:
     except OSError as exc:
         raise ConfigError([f"{path}:0: (file): cannot read: {exc.strerror or exc}"]) from None
     try:
-        return Catalog.model_validate_json(raw)
+        return CatalogFile.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
     doc = read_document(path)  # the slow path, only to name lines
@@ -55,15 +56,28 @@ def load_snapshot(
     vip_range: str,
     previous: Snapshot | None = None,
 ) -> Snapshot:
-    """File to snapshot; every problem is reported as ``file:line: field: reason``."""
-    catalog, doc = read_catalog(path)
+    """File to snapshot; every problem is reported as ``file:line: field: reason``.
+
+    The cyclic garbage collector is paused while the snapshot is built: a large catalog is
+    hundreds of thousands of new objects, none of them garbage, and collections triggered by
+    their allocation cost more than the build itself (measured: 2-3x the load time).
+    """
+    paused = gc.isenabled()
+    gc.disable()
     try:
-        return build_snapshot(
-            catalog, local_datacenter=local_datacenter, vip_range=vip_range, previous=previous
-        )
-    except CatalogProblems as exc:
-        doc = doc or read_document(path)
-        raise ConfigError([f"{doc.where(p)}: {msg}" for p, msg in exc.problems]) from None
+        catalog, doc = read_catalog(path)
+        try:
+            return build_snapshot(
+                catalog, local_datacenter=local_datacenter, vip_range=vip_range,
+                previous=previous,
+            )
+        except CatalogProblems as exc:
+            doc = doc or read_document(path)
+            raise ConfigError([f"{doc.where(real_path(doc.data, p))}: {msg}"
+                               for p, msg in exc.problems]) from None
+    finally:
+        if paused:
+            gc.enable()
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:

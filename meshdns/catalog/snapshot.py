@@ -18,7 +18,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import Catalog, Failover, PreparedQuery, SamenessGroup, Service, TaggedAddress, Target
+from pydantic import ValidationError
+
+from ..documents import error_message
+from .model import (
+    Catalog,
+    CatalogFile,
+    Failover,
+    PreparedQuery,
+    SamenessGroup,
+    Service,
+    TaggedAddress,
+    Target,
+)
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -28,6 +40,7 @@ ServiceKey = tuple[str, str, str, str, str]
 VipKey = tuple[str, str, str, str]
 
 USABLE = frozenset({"passing", "warning"})
+_NO_TAGS: frozenset[str] = frozenset()
 _RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
 
 
@@ -43,7 +56,7 @@ class NodeRecord:
     tagged: Mapping[str, TaggedAddress]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen __init__ costs 3x, and nothing mutates it
 class Instance:
     """One service instance joined with its node, with its combined health."""
 
@@ -145,7 +158,7 @@ def build_snapshot(
         peer = (n.peer or "").lower()
         dc = "" if peer else (n.datacenter or local_dc).lower()
         rec = NodeRecord(n.name, n.address, dc, peer, n.partition.lower(), n.health,
-                         dict(n.meta), dict(n.tagged_addresses))
+                         n.meta, n.tagged_addresses)
         key = (peer, dc, rec.partition, n.name.lower())
         if key in nodes:
             where = f"peer {peer}" if peer else f"datacenter {dc}"
@@ -155,15 +168,34 @@ def build_snapshot(
         nodes[key] = rec
         by_name[n.name.lower()].append(rec)
 
-    pairs: list[tuple[Instance, Service]] = []
+    all_instances: list[Instance] = []
+    groups: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    connect: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    ingress: dict[ServiceKey, list[Instance]] = defaultdict(list)
+    mesh: set[VipKey] = set()
     seen_ids: set[tuple[int, str]] = set()
-    for i, s in enumerate(catalog.services):
-        candidates = [
-            r for r in by_name.get(s.node.lower(), ())
-            if (s.peer is None or r.peer == s.peer.lower())
-            and (s.datacenter is None or r.datacenter == s.datacenter.lower())
-            and (s.partition is None or r.partition == s.partition.lower())
-        ]
+    raw_services = catalog.services
+    for i, entry in enumerate(raw_services):
+        if isinstance(entry, Service):
+            s = entry
+        else:  # a raw mapping (the file source): validated here, one at a time (memory)
+            if isinstance(catalog, CatalogFile):
+                raw_services[i] = None  # consumed: its memory serves the next instances
+            try:
+                s = Service.model_validate(entry)
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+                    problems.append((("services", i, *loc), error_message(err)))
+                continue
+        candidates = by_name.get(s.node.lower(), [])
+        if len(candidates) > 1 or s.peer or s.datacenter or s.partition:
+            candidates = [
+                r for r in candidates
+                if (s.peer is None or r.peer == s.peer.lower())
+                and (s.datacenter is None or r.datacenter == s.datacenter.lower())
+                and (s.partition is None or r.partition == s.partition.lower())
+            ]
         if len(candidates) > 1:  # prefer the local datacenter when nothing else says
             local = [r for r in candidates if r.datacenter == local_dc]
             candidates = local if len(local) == 1 and s.peer is None and s.datacenter is None \
@@ -184,29 +216,24 @@ def build_snapshot(
             continue
         seen_ids.add((id(node), sid.lower()))
         own = s.address is not None
-        pairs.append((Instance(
+        inst = Instance(
             service=s.name, id=sid, node=node, namespace=s.namespace.lower(),
             address=s.address if own else node.address, own_address=own,
-            port=s.port, tags=frozenset(t.lower() for t in s.tags),
+            port=s.port, tags=frozenset(map(str.lower, s.tags)) if s.tags else _NO_TAGS,
             status=_worst(s.health, node.health),
             weight_passing=s.weights.passing, weight_warning=s.weights.warning,
-            kind=s.kind, tagged=dict(s.tagged_addresses) if own else node.tagged,
-        ), s))
-    all_instances = [inst for inst, _ in pairs]
-
-    groups: dict[ServiceKey, list[Instance]] = defaultdict(list)
-    connect: dict[ServiceKey, list[Instance]] = defaultdict(list)
-    ingress: dict[ServiceKey, list[Instance]] = defaultdict(list)
-    mesh: set[VipKey] = set()
-    for inst, s in pairs:
-        base = (inst.peer, inst.datacenter, inst.partition, inst.namespace)
+            kind=s.kind, tagged=s.tagged_addresses if own else node.tagged,
+        )
+        all_instances.append(inst)
+        # index now, so the validated model can be freed before the next one is made
+        base = (node.peer, node.datacenter, node.partition, inst.namespace)
         groups[(*base, inst.service.lower())].append(inst)
         if s.kind == "connect-proxy" and s.destination:
             connect[(*base, s.destination.lower())].append(inst)
-            mesh.add((inst.peer, inst.partition, inst.namespace, s.destination.lower()))
+            mesh.add((node.peer, node.partition, inst.namespace, s.destination.lower()))
         if s.connect_native:
             connect[(*base, inst.service.lower())].append(inst)
-            mesh.add((inst.peer, inst.partition, inst.namespace, inst.service.lower()))
+            mesh.add((node.peer, node.partition, inst.namespace, inst.service.lower()))
         if s.kind == "ingress-gateway":
             for exposed in s.ingress:
                 ingress[(*base, exposed.lower())].append(inst)
