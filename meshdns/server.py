@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
         if reply is None:
             return
         if isinstance(reply, Forward):
-            asyncio.ensure_future(self.server.forward(reply, False, self._send(addr)))
+            self.server.start_forward(reply, False, self._send(addr))
             return
         self.transport.sendto(reply, addr)  # type: ignore[union-attr]
         if timed:
@@ -111,7 +112,7 @@ class TcpProtocol(asyncio.Protocol):
             if reply is None:
                 continue
             if isinstance(reply, Forward):
-                asyncio.ensure_future(self.server.forward(reply, True, self._write))
+                self.server.start_forward(reply, True, self._write)
                 continue
             self._write(reply)
             self.server.metrics.observe(time.perf_counter() - start)
@@ -137,6 +138,7 @@ class DnsServer:
         self._signature = file_signature(catalog_path) if catalog_path else None
         self._reloading = False
         self._stopping = asyncio.Event()
+        self._forwards: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     @property
     def snapshot(self) -> Snapshot:
@@ -173,6 +175,11 @@ class DnsServer:
             self.tcp_servers.append(await loop.create_server(lambda: TcpProtocol(self),
                                                              sock=tcp_sock))
             self.bound.append((host, port))
+
+    def start_forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
+        task = asyncio.ensure_future(self.forward(item, tcp, send))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
 
     async def forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         """Ask the recursors in turn; pass back the first NOERROR/NXDOMAIN reply."""
@@ -213,9 +220,7 @@ class DnsServer:
         try:
             signature = file_signature(path)
             started = time.perf_counter()
-            snapshot = await asyncio.to_thread(
-                load_snapshot, path, local_datacenter=self.config.datacenter,
-                vip_range=self.config.virtual_ip_range, previous=self.snapshot)
+            snapshot = await asyncio.to_thread(self._build, path)
         except ConfigError as exc:
             self._signature = signature
             self.metrics.reload_errors += 1
@@ -236,6 +241,18 @@ class DnsServer:
                  why, snapshot.generation, snapshot.counts["nodes"],
                  snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
         return True
+
+    def _build(self, path: Path) -> Snapshot:
+        """Runs in a worker thread. A short switch interval hands the GIL back to the event
+        loop within a millisecond, so queries keep flowing while a large catalog loads."""
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0005))
+        try:
+            return load_snapshot(path, local_datacenter=self.config.datacenter,
+                                 vip_range=self.config.virtual_ip_range,
+                                 previous=self.snapshot, yielding=True)
+        finally:
+            sys.setswitchinterval(interval)
 
     async def stop(self) -> None:
         self._stopping.set()

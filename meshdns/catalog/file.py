@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -20,13 +21,15 @@ def example_catalog_path() -> Path:
     return Path(str(resources.files("meshdns") / "examples" / "catalog.yaml"))
 
 
-def read_catalog(path: Path) -> tuple[Catalog, Document | None]:
+def read_catalog(path: Path, yielding: bool = False) -> tuple[Catalog, Document | None]:
     """Parse and validate a catalog file (YAML, or JSON for large catalogs).
 
     Returns the document too when one was built (YAML), for the lines of later problems.
+    ``yielding``: parse JSON in small steps so that the event loop's thread gets the GIL
+    between them (a reload in a thread must not stall the packet path for the whole parse).
     """
     if path.suffix.lower() == ".json":
-        return _read_json(path), None
+        return (_read_json_yielding(path) if yielding else _read_json(path)), None
     doc = read_document(path)
     if doc.data is not None and not isinstance(doc.data, dict):
         raise ConfigError([f"{doc.where(())}: expected a mapping with nodes, services, ..."])
@@ -49,12 +52,89 @@ def _read_json(path: Path) -> Catalog:
     raise ConfigError(problems_from(doc, errors))
 
 
+def _read_json_yielding(path: Path) -> Catalog:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+    try:
+        data = _loads_stepwise(text)
+    except (ValueError, IndexError):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"{path}:{exc.lineno}: (syntax): {exc.msg}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: (top level): expected an object with nodes, services"])
+    services = data.pop("services", [])
+    try:
+        catalog = CatalogFile.model_validate(data)
+    except ValidationError as exc:
+        doc = read_document(path)
+        raise ConfigError(problems_from(doc, exc.errors(include_url=False))) from None
+    if not isinstance(services, list):
+        doc = read_document(path)
+        raise ConfigError([f"{doc.where(('services',))}: expected a list of services"])
+    # the services are validated one by one in build_snapshot
+    return catalog.model_copy(update={"services": services})
+
+
+_WS = frozenset(" \t\r\n")
+
+
+def _loads_stepwise(text: str) -> object:
+    """``json.loads`` for a top-level object, decoding its arrays one element at a time."""
+    decode = json.JSONDecoder().raw_decode
+
+    def skip(i: int) -> int:
+        while text[i] in _WS:
+            i += 1
+        return i
+
+    pos = skip(0)
+    if text[pos] != "{":
+        return json.loads(text)
+    out: dict[str, object] = {}
+    pos = skip(pos + 1)
+    while text[pos] != "}":
+        key, pos = decode(text, pos)
+        pos = skip(pos)
+        if text[pos] != ":":
+            raise ValueError("expected ':'")
+        pos = skip(pos + 1)
+        if text[pos] == "[":
+            items: list[object] = []
+            pos = skip(pos + 1)
+            while text[pos] != "]":
+                item, pos = decode(text, pos)
+                items.append(item)
+                pos = skip(pos)
+                if text[pos] == ",":
+                    pos = skip(pos + 1)
+                elif text[pos] != "]":
+                    raise ValueError("expected ',' or ']'")
+            value: object = items
+            pos += 1
+        else:
+            value, pos = decode(text, pos)
+        out[key] = value
+        pos = skip(pos)
+        if text[pos] == ",":
+            pos = skip(pos + 1)
+        elif text[pos] != "}":
+            raise ValueError("expected ',' or '}'")
+    if text[pos + 1:].strip():
+        raise ValueError("trailing data")
+    return out
+
+
 def load_snapshot(
     path: Path,
     *,
     local_datacenter: str,
     vip_range: str,
     previous: Snapshot | None = None,
+    yielding: bool = False,
 ) -> Snapshot:
     """File to snapshot; every problem is reported as ``file:line: field: reason``.
 
@@ -65,7 +145,7 @@ def load_snapshot(
     paused = gc.isenabled()
     gc.disable()
     try:
-        catalog, doc = read_catalog(path)
+        catalog, doc = read_catalog(path, yielding)
         try:
             return build_snapshot(
                 catalog, local_datacenter=local_datacenter, vip_range=vip_range,
