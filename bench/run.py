@@ -97,6 +97,7 @@ class Row:
     rcodes: dict[str, float] = field(default_factory=dict)
     server_cpu_pct: float | None = None
     client_cpu_pct: float | None = None
+    qps_per_core: float | None = None  # qps / the share of a core the server got: steadier
     bg_cpu_pct: float | None = None  # CPU used by everything else on the machine meanwhile
     p99_bg_cpu_pct: float | None = None
     repeats: list[dict] = field(default_factory=list)
@@ -114,6 +115,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     meshdns_qps_ratio: float | None = None
     meshdns_p99_ratio: float | None = None
+    meshdns_qps_per_core_ratio: float | None = None
 
 
 # --- dnsperf ------------------------------------------------------------------------------------
@@ -317,6 +319,8 @@ def measure(
         row.server_cpu_pct, row.client_cpu_pct, row.bg_cpu_pct = server, client, background
         row.rss_mb, row.hwm_mb = (round(v, 1) for v in running.rss_mb())
         row.qps = round(stats["qps"], 1)
+        if row.server_cpu_pct and row.server_cpu_pct >= 5:
+            row.qps_per_core = round(row.qps / (row.server_cpu_pct / 100), 1)
         row.sent, row.completed, row.lost = (
             int(stats.get(k, 0)) for k in ("sent", "completed", "lost")
         )
@@ -387,6 +391,8 @@ def add_ratios(rows: list[Row]) -> None:
                 r.meshdns_qps_ratio = round(mesh.qps / r.qps, 2)
             if mesh.p99_ms and r.p99_ms:
                 r.meshdns_p99_ratio = round(mesh.p99_ms / r.p99_ms, 2)
+            if mesh.qps_per_core and r.qps_per_core:
+                r.meshdns_qps_per_core_ratio = round(mesh.qps_per_core / r.qps_per_core, 2)
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -399,54 +405,56 @@ def table(rows: list[Row]) -> str:
         "server",
         "qps",
         "mean ms",
-        "p99 ms @½",
+        "p99@½ ms",
         "lost",
         "resp B",
         "srv CPU%",
+        "qps/core",
         "bg CPU%",
         "RSS MB",
-        "mesh÷peer qps",
-        "mesh÷peer p99",
+        "mesh÷ qps",
+        "mesh÷ qps/core",
+        "mesh÷ p99",
     ]
     body = []
     for r in rows:
         if r.error:
-            body.append(
-                [r.workload, r.server, "FAILED: " + r.error.splitlines()[0][:70]]
-                + [""] * (len(head) - 3)
-            )
             continue
-        flag = " !" if r.check_problems else ""
+        peer = r.server != "meshdns"
         body.append(
             [
                 r.workload,
-                r.server + flag,
+                r.server + (" !" if r.check_problems else ""),
                 _f(r.qps, ",.0f"),
-                _f(r.mean_ms, ".3f"),
-                _f(r.p99_ms, ".3f"),
+                _f(r.mean_ms, ".2f"),
+                _f(r.p99_ms, ".2f"),
                 f"{r.lost}" + (f"+{r.p99_lost}" if r.p99_lost else ""),
                 _f(r.resp_bytes, "d"),
                 _f(r.server_cpu_pct, ".0f"),
+                _f(r.qps_per_core, ",.0f"),
                 _f(max(r.bg_cpu_pct or 0, r.p99_bg_cpu_pct or 0), ".0f"),
                 _f(r.rss_mb, ".1f"),
-                _f(r.meshdns_qps_ratio, ".2f") if r.server != "meshdns" else "",
-                _f(r.meshdns_p99_ratio, ".2f") if r.server != "meshdns" else "",
+                _f(r.meshdns_qps_ratio, ".2f") if peer else "",
+                _f(r.meshdns_qps_per_core_ratio, ".2f") if peer else "",
+                _f(r.meshdns_p99_ratio, ".2f") if peer else "",
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
-    lines = []
-    for i, cells in enumerate([head, *body]):
-        if cells[2].startswith("FAILED"):
-            lines.append(f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}")
+    widths = [max(len(cell) for cell in column) for column in zip(head, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            f"{c:<{w}}" if j < 2 else f"{c:>{w}}"
+            for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    lines = [line(head), "-" * len(line(head))]
+    rows_by_key = iter(body)
+    for r in rows:
+        if r.error:
+            first = r.error.splitlines()[0][:90]
+            lines.append(f"{r.workload:<{widths[0]}}  {r.server:<{widths[1]}}  FAILED: {first}")
         else:
-            lines.append(
-                "  ".join(
-                    f"{c:<{w}}" if j < 2 else f"{c:>{w}}"
-                    for j, (c, w) in enumerate(zip(cells, widths, strict=True))
-                )
-            )
-        if i == 0:
-            lines.append("-" * len(lines[0]))
+            lines.append(line(next(rows_by_key)))
     return "\n".join(lines)
 
 

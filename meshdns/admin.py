@@ -24,7 +24,8 @@ def make_app(server: DnsServer) -> web.Application:
         snap = server.snapshot
         if snap is None or not server.bound:
             return web.Response(status=503, text="not ready: no catalog loaded\n")
-        if server.last_reload_error and time.time() - snap.loaded_at > READY_MAX_ERROR_AGE:
+        failing_since = server.reload_failing_since
+        if failing_since is not None and time.time() - failing_since > READY_MAX_ERROR_AGE:
             return web.Response(status=503, text="not ready: catalog stale, last reload failed: "
                                 f"{server.last_reload_error}\n")
         return web.Response(text=f"ready: generation {snap.generation}\n")

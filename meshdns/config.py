@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from .documents import read_document, validate
 from .errors import ConfigError
@@ -41,8 +41,10 @@ def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
     """``("127.0.0.1", 8600)`` from ``127.0.0.1:8600``, ``[::1]:53`` or a bare address."""
     value = value.strip()
     if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r}: expected [IPv6 address]:port")
+        port = rest[1:]
     elif value.count(":") == 1:
         host, port = value.split(":")
     else:
@@ -192,11 +194,12 @@ class Config(_Model):
             raise ValueError("must be an IPv4 network with room for addresses, e.g. 240.0.0.0/4")
         return str(net)
 
-    @model_validator(mode="after")
-    def _alt_differs(self) -> Config:
-        if self.alt_domain is not None and self.alt_domain == self.domain:
+    @field_validator("alt_domain")  # a field validator, so the error names alt_domain's line
+    @classmethod
+    def _alt_differs(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("domain"):
             raise ValueError("alt_domain must differ from domain")
-        return self
+        return value
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(item, 8600) for item in self.listen]

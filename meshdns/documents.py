@@ -76,6 +76,8 @@ def _read_yaml(file: str, text: str) -> Document:
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark and mark and mark.index >= len(text):
+            mark = exc.context_mark  # an unclosed quote or bracket: where it was opened
         line = mark.line + 1 if mark else 0
         raise ConfigError([f"{file}:{line}: (syntax): {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:

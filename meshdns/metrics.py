@@ -45,7 +45,7 @@ class Metrics:
                          f'transport="{proto}"}} {value}')
         lines += [
             "# HELP meshdns_query_duration_seconds Time from packet in to reply out "
-            "(cache misses and a sample of hits).",
+            "(every TCP query; one UDP datagram in 64, sampled to keep the UDP path cheap).",
             "# TYPE meshdns_query_duration_seconds histogram",
         ]
         cumulative = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class Answer:
     additional: list[Record] = field(default_factory=list)
     authoritative: bool = True
     kind: str = ""  # the lookup kind, for metrics
+    max_answers: int = 0  # a cap on answers on every transport (a_record_limit); 0: none
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,12 @@ def txt_meta(meta: dict[str, str] | Any) -> list[bytes]:
             text = value
         else:
             escaped = key.replace("`", "``").replace("=", "`=")
-            if escaped.startswith(" "):
-                escaped = "`" + escaped
-            if escaped.endswith(" "):
-                escaped = escaped[:-1] + "` "
-            text = f"{escaped}={value}"
+            # each leading and trailing space is quoted, and backquotes in the value (as Consul)
+            stripped = escaped.lstrip(" ")
+            escaped = "` " * (len(escaped) - len(stripped)) + stripped
+            stripped = escaped.rstrip(" ")
+            escaped = stripped + "` " * (len(escaped) - len(stripped))
+            text = f"{escaped}={value.replace('`', '``')}"
         out.append(text.encode("utf-8"))
     return out
 
@@ -318,42 +321,46 @@ def _is_ip(address: str) -> bool:
 
 def _address_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Settings,
                     snap: Snapshot, domain: str, kind: str) -> Answer:
-    limit = s.a_record_limit or len(instances)
     records: dict[bytes, Record] = {}
     cname: str | None = None
-    used = 0
+    families = (A, AAAA) if qtype == ANY else (qtype,)
     for inst in instances:
-        if used >= limit:
-            break
-        families = (A, AAAA) if qtype == ANY else (qtype,)
-        contributed = False
         for family in families:
             address, _, _ = _address_for(inst, family, s)
             rec = _ip_record(None, ttl, address)
             if rec is None:
                 cname = cname or address
-                contributed = True
-            elif rec[1] == family:
-                records.setdefault(rec[3], rec)
-                contributed = True
-        used += contributed
+            elif rec[1] == family and rec[3] not in records:
+                records[rec[3]] = rec
     if records:
-        return Answer(answers=[(r, ()) for r in records.values()], kind=kind)
+        # a_record_limit is applied after the shuffle (wire.encode), as Consul does, so each
+        # reply carries a different subset
+        return Answer(answers=[(r, ()) for r in records.values()], kind=kind,
+                      max_answers=s.a_record_limit)
     if cname is not None:
         return _cname_answer(cname, qtype, ttl, s, snap, domain, kind)
     return nodata(s, snap, domain, kind)
 
 
+# CNAMEs followed so far in this resolution: hostnames under our domain may point in a loop
+_CNAME_DEPTH: ContextVar[int] = ContextVar("cname_depth", default=0)
+
+
 def _cname_answer(host: str, qtype: int, ttl: int, s: Settings, snap: Snapshot, domain: str,
-                  kind: str, depth: int = 0) -> Answer:
+                  kind: str) -> Answer:
     """``qname CNAME host`` plus host's records when host is itself under our domain."""
     answer = Answer(answers=[((None, CNAME, ttl, host), ())], kind=kind)
     labels = tuple(host.split("."))
     dl = tuple(domain.split("."))
+    depth = _CNAME_DEPTH.get()
     if depth < 3 and labels[-len(dl):] == dl:
         inner = parse(labels[:-len(dl)], domain)
         if inner.kind in ("service", "node", "virtual", "addr", "connect", "ingress"):
-            sub = resolve(inner, qtype, snap, s)
+            token = _CNAME_DEPTH.set(depth + 1)
+            try:
+                sub = resolve(inner, qtype, snap, s)
+            finally:
+                _CNAME_DEPTH.reset(token)
             for (owner, rtype, _ttl, rdata), _extra in sub.answers:
                 if rtype in (A, AAAA):
                     answer.answers.append(((host if owner is None else owner, rtype, ttl,

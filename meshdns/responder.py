@@ -85,7 +85,10 @@ class Responder:
             self.metrics.queries[counter_key] += 1
             if turn >= REBUILD_AFTER:
                 del cache[key]
-            return data[:2] + variants[turn % len(variants)]
+            reply = variants[turn % len(variants)]
+            if reply[0] & 0x02:  # TC: a cached truncated reply is still a truncation
+                self.metrics.truncated += 1
+            return data[:2] + reply
         return self._respond_uncached(data, tcp, cache, key)
 
     def _respond_uncached(self, data: bytes, tcp: bool, cache: dict[bytes, list],

@@ -309,6 +309,8 @@ def encode(question: Question, answer: Answer, order: Sequence[int] | None, limi
     answers = answer.answers
     if order is not None:
         answers = [answers[i] for i in order]
+    if answer.max_answers and len(answers) > answer.max_answers:
+        answers = answers[:answer.max_answers]  # a policy cap, not a truncation: no TC
     total = len(answers)
     count = min(total, limits.max_answers) if limits.max_answers else total
     message = _encode(question, answer, answers[:count], flags, True)
@@ -388,10 +390,11 @@ def error_reply(reject: Reject, recursion_available: bool = False) -> bytes:
 
 
 def plain_reply(question: Question, rcode: int, recursion_available: bool = False) -> bytes:
-    """An answerless reply (REFUSED, SERVFAIL): no AA, no OPT for REFUSED (as Consul)."""
+    """An answerless reply (REFUSED, SERVFAIL): no AA; the OPT echoed to an EDNS query
+    (names.md: every reply to an EDNS query carries one; Consul omits it on REFUSED)."""
     flags = 0x8000 | (question.flags & 0x0110) | rcode
     if recursion_available:
         flags |= 0x0080
-    opt = _opt(question.edns, rcode) if rcode != 5 else None
+    opt = _opt(question.edns, rcode)
     header = _HEADER.pack(question.id, flags, 1, 0, 0, opt is not None)
     return header + question.raw + (opt or b"")

@@ -101,8 +101,11 @@ class MeshdnsProcess:
     def query(self, name: str, rdtype: str | int = "A", *, tcp: bool = False,
               edns: int | None = None, payload: int = 1232, want_dnssec: bool = False,
               timeout: float = 2.0, rd: bool = True) -> dns.message.Message:
-        msg = dns.message.make_query(name, rdtype, use_edns=edns, payload=payload,
-                                     want_dnssec=want_dnssec)
+        if edns is None and not want_dnssec:  # a payload alone would turn EDNS on
+            msg = dns.message.make_query(name, rdtype)
+        else:
+            msg = dns.message.make_query(name, rdtype, use_edns=edns or 0, payload=payload,
+                                         want_dnssec=want_dnssec)
         if not rd:
             msg.flags &= ~dns.flags.RD
         if tcp:

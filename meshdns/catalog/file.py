@@ -145,11 +145,15 @@ def load_snapshot(
     paused = gc.isenabled()
     gc.disable()
     try:
+        try:
+            version: float | None = os.stat(path).st_mtime
+        except OSError:
+            version = None  # read_catalog names the problem
         catalog, doc = read_catalog(path, yielding)
         try:
             return build_snapshot(
                 catalog, local_datacenter=local_datacenter, vip_range=vip_range,
-                previous=previous,
+                previous=previous, version=version,
             )
         except CatalogProblems as exc:
             doc = doc or read_document(path)

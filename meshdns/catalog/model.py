@@ -39,7 +39,8 @@ def check_address(value: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if not _HOSTNAME.match(value):
+    # an all-digit last label is a mistyped IP address (10.0.0.300), never a hostname
+    if not _HOSTNAME.match(value) or value.rstrip(".").rsplit(".", 1)[-1].isdigit():
         raise ValueError(f"{value!r} is neither an IP address nor a hostname")
     return value.rstrip(".").lower()
 

@@ -147,6 +147,7 @@ def build_snapshot(
     local_datacenter: str,
     vip_range: str = "240.0.0.0/4",
     previous: Snapshot | None = None,
+    version: float | None = None,
 ) -> Snapshot:
     """Index a validated catalog. Raises ``CatalogProblems`` for references that do not hold."""
     problems: list[Problem] = []
@@ -288,7 +289,11 @@ def build_snapshot(
     ptr = _ptr_index(nodes.values(), all_instances, vips, local_dc)
     generation = previous.generation + 1 if previous else 1
     now = time.time()
-    serial = max(int(now), previous.serial + 1) if previous else int(now)
+    # The SOA serial follows the catalog's own version (the file's mtime), so every worker and
+    # every restart on the same file answers the same serial; it still always increases.
+    serial = int(version if version is not None else now)
+    if previous is not None:
+        serial = max(serial, previous.serial + 1)
     return Snapshot(
         local_datacenter=local_dc,
         services={k: _set(v) for k, v in groups.items()},
@@ -369,10 +374,12 @@ def _allocate_vips(
             if ip is not None and ip not in taken and ipaddress.IPv4Address(ip) in net:
                 vips[key] = ip
                 taken.add(ip)
+    # fixed VIPs may lie outside the range: only addresses in its slots fill it
+    used = sum(1 for ip in taken if 0 <= int(ipaddress.IPv4Address(ip)) - first < size)
     for key in pending:
         if key in vips:
             continue
-        if len(taken) >= size:
+        if used >= size:
             problems.append((("virtual_ips",), f"virtual_ip_range {vip_range} is full"))
             break
         digest = hashlib.blake2b("\0".join(key).encode(), digest_size=8).digest()
@@ -384,6 +391,7 @@ def _allocate_vips(
             slot = (slot + 1) % size
         vips[key] = ip
         taken.add(ip)
+        used += 1
     return vips, problems
 
 
