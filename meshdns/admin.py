@@ -35,7 +35,10 @@ def make_app(server: DnsServer) -> web.Application:
         extra = {f"meshdns_catalog_{k}": v for k, v in snap.counts.items()}
         extra["meshdns_cache_entries"] = len(server.responder.udp_cache) + \
             len(server.responder.tcp_cache)
-        return web.Response(text=server.metrics.render(extra),
+        responder = server.responder
+        text = server.metrics.render(extra, responder.query_counts(),
+                                     responder.truncated_count())
+        return web.Response(text=text,
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 

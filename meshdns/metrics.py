@@ -33,14 +33,19 @@ class Metrics:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def render(self, extra: dict[str, float] | None = None) -> str:
-        """The Prometheus text format (version 0.0.4)."""
+    def render(self, extra: dict[str, float] | None = None,
+               queries: Counter[tuple[str, str, str]] | None = None,
+               truncated: int | None = None) -> str:
+        """The Prometheus text format (version 0.0.4). ``queries``/``truncated``: totals that
+        include the cache hits not yet folded into this object (Responder.query_counts)."""
+        queries = self.queries if queries is None else queries
+        truncated = self.truncated if truncated is None else truncated
         lines = [
             "# HELP meshdns_queries_total DNS queries answered, by lookup kind, rcode and "
             "transport.",
             "# TYPE meshdns_queries_total counter",
         ]
-        for (kind, rcode, proto), value in sorted(self.queries.items()):
+        for (kind, rcode, proto), value in sorted(queries.items()):
             lines.append(f'meshdns_queries_total{{kind="{kind}",rcode="{rcode}",'
                          f'transport="{proto}"}} {value}')
         lines += [
@@ -58,7 +63,7 @@ class Metrics:
         lines.append(f"meshdns_query_duration_seconds_count {cumulative}")
         now = time.time()
         gauges = {
-            ("meshdns_truncated_total", "counter", "Replies sent with TC set."): self.truncated,
+            ("meshdns_truncated_total", "counter", "Replies sent with TC set."): truncated,
             ("meshdns_dropped_total", "counter", "Packets dropped unanswered."): self.dropped,
             ("meshdns_catalog_reloads_total", "counter", "Catalog snapshots swapped in."):
                 self.reloads,

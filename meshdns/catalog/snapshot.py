@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -54,6 +55,7 @@ class NodeRecord:
     health: str
     meta: Mapping[str, str]
     tagged: Mapping[str, TaggedAddress]
+    packed: bytes = b""  # the address as 4 or 16 bytes when it is an IP; b"" for a hostname
 
 
 @dataclass(slots=True)  # not frozen: frozen __init__ costs 3x, and nothing mutates it
@@ -73,6 +75,7 @@ class Instance:
     weight_warning: int
     kind: str
     tagged: Mapping[str, TaggedAddress]  # the service's tagged addresses, else the node's
+    packed: bytes = b""  # ``address`` as 4 or 16 bytes when it is an IP (what A/AAAA carry)
 
     @property
     def datacenter(self) -> str:
@@ -159,7 +162,7 @@ def build_snapshot(
         peer = (n.peer or "").lower()
         dc = "" if peer else (n.datacenter or local_dc).lower()
         rec = NodeRecord(n.name, n.address, dc, peer, n.partition.lower(), n.health,
-                         n.meta, n.tagged_addresses)
+                         n.meta, n.tagged_addresses, pack_address(n.address))
         key = (peer, dc, rec.partition, n.name.lower())
         if key in nodes:
             where = f"peer {peer}" if peer else f"datacenter {dc}"
@@ -224,6 +227,7 @@ def build_snapshot(
             status=_worst(s.health, node.health),
             weight_passing=s.weights.passing, weight_warning=s.weights.warning,
             kind=s.kind, tagged=s.tagged_addresses if own else node.tagged,
+            packed=pack_address(s.address) if own else node.packed,
         )
         all_instances.append(inst)
         # index now, so the validated model can be freed before the next one is made
@@ -424,6 +428,16 @@ def node_labels(n: NodeRecord) -> tuple[str, ...]:
         labels += (n.partition, "ap")
         return labels + ((n.peer, "peer") if n.peer else (n.datacenter, "dc"))
     return labels + ((n.peer, "peer") if n.peer else (n.datacenter,))
+
+
+def pack_address(address: str | None) -> bytes:
+    """4 or 16 bytes for an IP address (as A/AAAA records carry it); b"" for a hostname."""
+    if not address:
+        return b""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    except OSError:
+        return b""
 
 
 def _ip_text(address: str) -> str | None:
