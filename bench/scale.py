@@ -56,13 +56,15 @@ def answer_ips(reply: bytes) -> list[str]:
     return out
 
 
-def write_catalog(path: Path, services: int, instances: int, moved: str | None = None) -> None:
+def write_catalog(path: Path, services: int, instances: int, moved: str | None = None,
+                  node_count: int = 3000) -> None:
     nodes = [{"name": f"node-{i}", "address": f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}",
-              "meta": {"rack": f"r{i % 10}"}} for i in range(3000)]
+              "meta": {"rack": f"r{i % 10}"}} for i in range(node_count)]
     entries = []
     for s in range(services):
         for k in range(instances):
-            entry = {"name": f"svc-{s}", "id": f"svc-{s}-{k}", "node": f"node-{(s * 3 + k) % 3000}",
+            entry = {"name": f"svc-{s}", "id": f"svc-{s}-{k}",
+                     "node": f"node-{(s * 3 + k) % node_count}",
                      "port": 8000 + k}
             if s == 0 and k == 0 and moved:
                 entry["address"] = moved
@@ -182,14 +184,14 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
         names = [f"svc-{i * 7919 % args.services}.service.consul" for i in range(2000)]
         rewrite_at = 2.0
         state = {"rewritten": None}
+        # written beforehand: serializing 22 MB here would stall this (Python) prober itself
+        staged = workdir / "big-next.json"
+        write_catalog(staged, args.services, args.instances, "10.99.0.1")
 
         def tick(elapsed: float) -> None:
             if state["rewritten"] is None and elapsed >= rewrite_at:
                 state["rewritten"] = elapsed
-                # in a thread: writing 22 MB must not pause the prober
-                import threading
-                threading.Thread(target=write_catalog, args=(catalog, args.services,
-                                 args.instances, "10.99.0.1")).start()
+                os.replace(staged, catalog)  # atomic, as a deploy or a ConfigMap update does
 
         seconds = rewrite_at + args.reload_window
         samples = asyncio.run(probe(server.port, names, args.rate, seconds, tick))
@@ -223,7 +225,8 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
 
 def change_latency(args: argparse.Namespace, workdir: Path) -> dict:
     catalog = workdir / "small.json"
-    write_catalog(catalog, 50, 1, "10.200.0.0")
+    # the size of the example catalog's world, a few times over: 60 nodes, 200 instances
+    write_catalog(catalog, 100, 2, "10.200.0.0", node_count=60)
     server = Server(catalog, workdir, args.server_cpu)
     times = []
     try:
@@ -231,7 +234,7 @@ def change_latency(args: argparse.Namespace, workdir: Path) -> dict:
             ip = f"10.200.{n // 256}.{n % 256}"
             time.sleep(0.03)  # let mtimes differ and the watcher settle
             start = time.perf_counter()
-            write_catalog(catalog, 50, 1, ip)
+            write_catalog(catalog, 100, 2, ip, node_count=60)
             deadline = start + 5
             while time.perf_counter() < deadline:
                 reply = server.ask("svc-0.service.consul", 0.5)

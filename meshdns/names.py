@@ -8,6 +8,7 @@ Anything that does not fit is ``INVALID`` (NXDOMAIN with the SOA).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import NamedTuple
 
 KEYWORDS = frozenset({"service", "connect", "ingress", "virtual", "node", "query", "addr"})
@@ -170,7 +171,8 @@ def parse_reverse(labels: tuple[str, ...]) -> str | None:
     if labels[-2:] == ("ip6", "arpa") and len(labels) == 34:
         nibbles = labels[31::-1]
         if all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
-            return str(ipaddress.IPv6Address(int("".join(nibbles), 16)))
+            # inet_ntop: the same text as the catalog's addresses (model.check_address)
+            return socket.inet_ntop(socket.AF_INET6, bytes.fromhex("".join(nibbles)))
     return None
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .catalog.file import file_signature, load_snapshot
-from .catalog.snapshot import Snapshot
+from .catalog.snapshot import Snapshot, dismantle
 from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
@@ -158,6 +158,7 @@ class DnsServer:
         self._reloading = False
         self._stopping = asyncio.Event()
         self._forwards: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        self._background: set[asyncio.Future[None]] = set()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -262,11 +263,10 @@ class DnsServer:
         finally:
             self._reloading = False
         self._signature = signature
-        self.responder.swap(snapshot)
-        # The snapshot is long-lived and has no reference cycles: keep the cyclic collector
-        # from walking it (a full collection over 300,000 instances stalls queries ~150 ms).
-        # The old snapshot is still freed, by reference counting.
-        gc.freeze()
+        old = self.snapshot
+        self.responder.swap(snapshot)  # (load_snapshot froze it out of the cyclic GC's sight)
+        self._retire(old)
+        del old
         self.last_reload_error = None
         self.reload_failing_since = None
         self.metrics.reloads += 1
@@ -276,6 +276,21 @@ class DnsServer:
                  why, snapshot.generation, snapshot.counts["nodes"],
                  snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
         return True
+
+    def _retire(self, old: Snapshot) -> None:
+        """Free the snapshot just replaced without stalling the event loop (see dismantle)."""
+        task = asyncio.ensure_future(asyncio.to_thread(self._dismantle, old))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _dismantle(old: Snapshot) -> None:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0005))
+        try:
+            dismantle(old)
+        finally:
+            sys.setswitchinterval(interval)
 
     def _build(self, path: Path) -> Snapshot:
         """Runs in a worker thread. A short switch interval hands the GIL back to the event

@@ -161,6 +161,11 @@ def load_snapshot(
                                for p, msg in exc.problems]) from None
     finally:
         if paused:
+            # Everything built here lives as long as the snapshot and has no cycles: freeze it
+            # out of the collector's sight. Left young, the first collection after a large
+            # load would walk it all with the GIL held (measured: 0.8 s with 300,000
+            # instances, during which no query is answered).
+            gc.freeze()
             gc.enable()
 
 
