@@ -34,7 +34,7 @@ import zone as zonemod
 
 BENCH_DIR = Path(__file__).resolve().parent
 ALL_SERVERS = ["meshdns", "dnsmasq", "unbound", "dnslib"]
-ALL_WORKLOADS = ["hot", "cold", "large", "large-edns", "tcp"]
+ALL_WORKLOADS = ["hot", "a-only", "cold", "large", "large-edns", "tcp"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ WORKLOADS = {
         "hot",
         "small",
         about="40% svc A, 15% SRV, 20% virtual A, 20% node A, 5% NXDOMAIN; UDP",
+    ),
+    "a-only": Workload(
+        "a-only",
+        "a-only",
+        "a-only",
+        about="1,000 node A names + 5% NXDOMAIN, no SRV in the zone (dnsmasq's best case); UDP",
     ),
     "cold": Workload(
         "cold",
@@ -656,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"small": small}
     if need_cold:
         sizes["cold"] = zonemod.Sizes(cold=args.cold_size)
+    if "a-only" in args.workload_list:
+        sizes["a-only"] = zonemod.A_ONLY
     print(
         f"bench: work dir {workdir}; servers {','.join(args.server_list)}; workloads "
         f"{','.join(args.workload_list)}; {args.seconds:g}s runs",
@@ -668,7 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     qdir = workdir / "queries"
     qdir.mkdir()
-    qfiles = {"hot": qdir / "hot.txt", "large": qdir / "large.txt", "cold": qdir / "cold.txt"}
+    qfiles = {"hot": qdir / "hot.txt", "large": qdir / "large.txt", "cold": qdir / "cold.txt",
+              "a-only": qdir / "a-only.txt"}
+    zonemod.write_queries(zonemod.a_only_queries(zonemod.A_ONLY, 100_000, random.Random(args.seed)),
+                          qfiles["a-only"])
     zonemod.write_queries(zonemod.hot_queries(small, 100_000, rng), qfiles["hot"])
     zonemod.write_queries(zonemod.large_queries(small, 10_000, rng), qfiles["large"])
     if need_cold:

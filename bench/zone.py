@@ -181,8 +181,20 @@ def large_queries(sizes: Sizes, count: int, rng: random.Random) -> list[tuple[st
     ]
 
 
+A_ONLY = Sizes(services=0, nodes=1000, virtual=0, big_services=0)
+
+
+def a_only_queries(sizes: Sizes, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """The brief's reference mix: 1,000 A names (nodes here) and 5% NXDOMAIN."""
+    return [(f"node-{rng.randrange(sizes.nodes)}.node.{DOMAIN}", "A") if rng.random() < 0.95
+            else (f"missing-{rng.randrange(100_000)}.node.{DOMAIN}", "A") for _ in range(count)]
+
+
 def probes(sizes: Sizes) -> list[Probe]:
     """Answers every server must give, asked with EDNS 4096 so no trimming gets in the way."""
+    if sizes == A_ONLY:
+        return [Probe(f"node-3.node.{DOMAIN}", "A", "NOERROR", 1),
+                Probe(f"missing-4.node.{DOMAIN}", "A", "NXDOMAIN", 0)]
     out = [
         Probe(f"svc-0.service.{DOMAIN}", "A", "NOERROR", sizes.instances),
         Probe(f"svc-{sizes.services - 1}.service.{DOMAIN}", "A", "NOERROR", sizes.instances),

@@ -12,10 +12,6 @@ from .config import parse_hostport
 if TYPE_CHECKING:
     from .server import DnsServer
 
-#: /ready turns 503 when the catalog file has been failing to reload for this long
-READY_MAX_ERROR_AGE = 300.0
-
-
 def make_app(server: DnsServer) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -25,7 +21,8 @@ def make_app(server: DnsServer) -> web.Application:
         if snap is None or not server.bound:
             return web.Response(status=503, text="not ready: no catalog loaded\n")
         failing_since = server.reload_failing_since
-        if failing_since is not None and time.time() - failing_since > READY_MAX_ERROR_AGE:
+        limit = server.config.admin.ready_max_reload_failure
+        if failing_since is not None and limit is not None and time.time() - failing_since > limit:
             return web.Response(status=503, text="not ready: catalog stale, last reload failed: "
                                 f"{server.last_reload_error}\n")
         return web.Response(text=f"ready: generation {snap.generation}\n")

@@ -112,7 +112,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     import dns.query
     import dns.rdatatype
 
-    host, port = parse_hostport(args.server, 8600)
+    try:
+        host, port = parse_hostport(args.server, 8600)
+    except ValueError as exc:
+        print(f"meshdns query: --server {exc}", file=sys.stderr)
+        return 2
     try:
         rdtype = dns.rdatatype.from_text(args.type)
     except dns.rdatatype.UnknownRdatatype:

@@ -118,6 +118,10 @@ class CatalogSettings(_Model):
 
 class AdminSettings(_Model):
     listen: str | None = "127.0.0.1:8601"  # null disables the admin endpoint
+    # /ready turns 503 once catalog reloads have failed for this long; null: never. Off by
+    # default: every replica reads the same ConfigMap, so a bad edit would take them all out
+    # of the Service at once, while each still serves its last good catalog.
+    ready_max_reload_failure: Duration | None = None
 
     @field_validator("listen")
     @classmethod

@@ -25,6 +25,7 @@ from conftest import MeshdnsProcess, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshdns.admin import make_app
+from meshdns.config import Config
 
 BIG = 40
 
@@ -317,7 +318,9 @@ class _Snapshot:
 class _Server:
     """What /ready reads of a DnsServer."""
 
-    def __init__(self, loaded_ago: float, failing_for: float | None) -> None:
+    def __init__(self, loaded_ago: float, failing_for: float | None,
+                 limit: float | None) -> None:
+        self.config = Config(admin={"ready_max_reload_failure": limit})
         self.snapshot = _Snapshot()
         self.snapshot.loaded_at = time.time() - loaded_ago
         self.bound = [("127.0.0.1", 53)]
@@ -325,16 +328,18 @@ class _Server:
         self.reload_failing_since = None if failing_for is None else time.time() - failing_for
 
 
-@pytest.mark.parametrize(("loaded_ago", "failing_for", "status"), [
-    (3600, None, 200),   # an old catalog that nobody edited is fine
-    (3600, 10, 200),     # a broken edit just now: keep serving the last good one, stay ready
-    (3600, 301, 503),    # failing for more than READY_MAX_ERROR_AGE: not ready
-    (10, 301, 503),
+@pytest.mark.parametrize(("loaded_ago", "failing_for", "limit", "status"), [
+    (3600, None, 300, 200),   # an old catalog that nobody edited is fine
+    (3600, 10, 300, 200),     # a broken edit just now: keep serving the last good one
+    (3600, 301, 300, 503),    # failing for longer than ready_max_reload_failure: not ready
+    (10, 301, 300, 503),
+    (3600, 86400, None, 200),  # the default: failed reloads never make a replica unready
 ])
 def test_ready_follows_how_long_reloads_have_failed(loaded_ago: float, failing_for: float | None,
-                                                    status: int) -> None:
+                                                    limit: float | None, status: int) -> None:
     async def ask() -> tuple[int, str]:
-        async with TestClient(TestServer(make_app(_Server(loaded_ago, failing_for)))) as client:
+        server = _Server(loaded_ago, failing_for, limit)
+        async with TestClient(TestServer(make_app(server))) as client:  # type: ignore[arg-type]
             response = await client.get("/ready")
             return response.status, await response.text()
 
