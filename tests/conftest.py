@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -142,15 +141,41 @@ class MeshdnsProcess:
         self.proc.send_signal(sig)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.log.close()
         return self.proc.returncode
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; waits for the exit."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def addresses(msg: dns.message.Message) -> list[str]:
+    """The A/AAAA addresses of a reply's answer section, sorted."""
+    return sorted(rr.address for rrset in msg.answer for rr in rrset
+                  if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
+
+
+def srv(msg: dns.message.Message) -> list[tuple[int, str]]:
+    """(port, target) of a reply's SRV answers, sorted."""
+    return sorted((rr.port, rr.target.to_text()) for rrset in msg.answer for rr in rrset
+                  if rrset.rdtype == dns.rdatatype.SRV)
+
+
+def glue(msg: dns.message.Message) -> dict[str, list[str]]:
+    """Additional A/AAAA records: owner -> sorted addresses."""
+    out: dict[str, list[str]] = {}
+    for rrset in msg.additional:
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            out.setdefault(rrset.name.to_text(), []).extend(rr.address for rr in rrset)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:

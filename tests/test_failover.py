@@ -17,7 +17,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
-from conftest import MeshdnsProcess, wait_for, write_catalog
+from conftest import MeshdnsProcess, addresses, glue, srv, wait_for, write_catalog
 
 FAILOVER_CATALOG = """\
 nodes:
@@ -180,24 +180,6 @@ def query_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshdnsPr
 
 # --- helpers -------------------------------------------------------------------------------
 
-
-def addresses(msg: dns.message.Message) -> list[str]:
-    return sorted(rr.address for rrset in msg.answer for rr in rrset
-                  if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
-
-
-def srv(msg: dns.message.Message) -> list[tuple[int, str]]:
-    return sorted((rr.port, rr.target.to_text()) for rrset in msg.answer for rr in rrset
-                  if rrset.rdtype == dns.rdatatype.SRV)
-
-
-def glue(msg: dns.message.Message) -> dict[str, list[str]]:
-    """Additional A/AAAA records: owner -> sorted addresses."""
-    out: dict[str, list[str]] = {}
-    for rrset in msg.additional:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            out.setdefault(rrset.name.to_text(), []).extend(rr.address for rr in rrset)
-    return {k: sorted(v) for k, v in out.items()}
 
 
 def answer_ttls(msg: dns.message.Message) -> set[int]:

@@ -36,7 +36,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import pytest
-from conftest import MeshdnsProcess, free_port, require_binary, wait_for
+from conftest import MeshdnsProcess, free_port, require_binary, stop_process, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 VIP = "240.0.0.10"
@@ -156,13 +156,7 @@ class Forwarder:
         return reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def dnsmasq_command(port: int, upstream: int, log: Path) -> list[str]:

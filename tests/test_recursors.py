@@ -24,7 +24,14 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 import pytest
-from conftest import MeshdnsProcess, free_port, require_binary, wait_for, write_catalog
+from conftest import (
+    MeshdnsProcess,
+    free_port,
+    require_binary,
+    stop_process,
+    wait_for,
+    write_catalog,
+)
 
 TIMEOUT = 0.5  # recursor_timeout for these tests
 
@@ -78,13 +85,7 @@ class Dnsmasq:
                          if "query[" in line)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

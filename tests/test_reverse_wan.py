@@ -17,7 +17,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 import pytest
-from conftest import MeshdnsProcess, write_catalog
+from conftest import MeshdnsProcess, addresses, glue, srv, write_catalog
 
 CATALOG = """\
 nodes:
@@ -77,23 +77,6 @@ def lan_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshdnsProc
     yield server
     server.stop()
 
-
-def addresses(msg: dns.message.Message) -> list[str]:
-    return sorted(rr.address for rrset in msg.answer for rr in rrset
-                  if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
-
-
-def srv(msg: dns.message.Message) -> list[tuple[int, str]]:
-    return sorted((rr.port, rr.target.to_text()) for rrset in msg.answer for rr in rrset
-                  if rrset.rdtype == dns.rdatatype.SRV)
-
-
-def glue(msg: dns.message.Message) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for rrset in msg.additional:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            out.setdefault(rrset.name.to_text(), []).extend(rr.address for rr in rrset)
-    return {k: sorted(v) for k, v in out.items()}
 
 
 def addr_name(ip: str, locality: str = "dc2") -> str:
