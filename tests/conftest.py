@@ -126,8 +126,8 @@ class MeshdnsProcess:
         with socket.create_connection(self.address, timeout=timeout) as s:
             s.sendall(struct.pack("!H", len(packet)) + packet)
             try:
-                head = _recv_exact(s, 2)
-                return _recv_exact(s, struct.unpack("!H", head)[0])
+                head = recv_exact(s, 2)
+                return recv_exact(s, struct.unpack("!H", head)[0])
             except (TimeoutError, ConnectionError):
                 return None
 
@@ -178,7 +178,8 @@ def glue(msg: dns.message.Message) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a stream socket (ConnectionError if it closes first)."""
     buf = b""
     while len(buf) < n:
         chunk = s.recv(n - len(buf))

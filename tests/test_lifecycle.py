@@ -17,7 +17,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 import pytest
-from conftest import MeshdnsProcess, wait_for, write_catalog
+from conftest import MeshdnsProcess, recv_exact, wait_for, write_catalog
 
 CATALOG = """\
 nodes:
@@ -229,16 +229,6 @@ def test_configmap_symlink_flip_is_picked_up(start_server, tmp_path: Path) -> No
 # --- listen addresses, SIGTERM -------------------------------------------------------------
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
-
-
 def test_two_listen_addresses_then_sigterm_with_tcp_open(start_server,
                                                          tmp_path: Path) -> None:
     catalog = write_catalog(tmp_path / "catalog.yaml", CATALOG)
@@ -257,8 +247,8 @@ def test_two_listen_addresses_then_sigterm_with_tcp_open(start_server,
     partial = socket.create_connection(("127.0.0.1", ports[1]), timeout=5)
     try:
         idle.sendall(struct.pack("!H", len(query)) + query)
-        size = struct.unpack("!H", _recv_exact(idle, 2))[0]
-        reply = dns.message.from_wire(_recv_exact(idle, size))
+        size = struct.unpack("!H", recv_exact(idle, 2))[0]
+        reply = dns.message.from_wire(recv_exact(idle, size))
         assert [rd.address for rd in reply.answer[0]] == ["10.0.0.1"]
         partial.sendall(struct.pack("!H", len(query)) + query[:5])
 
