@@ -143,15 +143,12 @@ class Responder:
         counter_key = (answer.kind, _RCODE_NAMES.get(answer.rcode, str(answer.rcode)),
                        transport)
         metrics.queries[counter_key] += 1
-        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
-                            self.config.dns.enable_truncate)
-        flags = reply_flags(question.flags, answer, self.recursion)
         count = len(answer.answers)
         # a random rotation: cheap (random.sample alone costs a fifth of a miss), and every
         # record gets its turn first; the full shuffle comes with the other orders
         turn = int(self._random.random() * count)
         order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
-        reply = encode(question, answer, order, limits, flags)
+        reply = self._render(question, answer, tcp, [order])[0]
         if reply[2] & 0x02:
             metrics.truncated += 1
         # One order now; the others only if the question comes again (the cold path pays once).
@@ -191,15 +188,20 @@ class Responder:
         question = parse_query(data)
         answer, _ = self.answer(question)
         assert answer is not None  # it was answered a moment ago from the same snapshot
-        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
-                            self.config.dns.enable_truncate)
-        flags = reply_flags(question.flags, answer, self.recursion)
         count = len(answer.answers)
         base = list(range(count))
         self._random.shuffle(base)
         n = min(count, MAX_ORDERS)
         orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
-        return tuple(encode(question, answer, order, limits, flags)[2:] for order in orders)
+        return tuple(reply[2:] for reply in self._render(question, answer, tcp, orders))
+
+    def _render(self, question: Question, answer: Answer, tcp: bool,
+                orders: list[list[int] | None]) -> list[bytes]:
+        """The reply (ID 0) for each answer order, within the transport's limits."""
+        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
+                            self.config.dns.enable_truncate)
+        flags = reply_flags(question.flags, answer, self.recursion)
+        return [encode(question, answer, order, limits, flags) for order in orders]
 
     def _store(self, cache: dict[bytes, Cached], key: bytes, replies: tuple[bytes, ...],
                counter_key: tuple[str, str, str], pending: bytes | None = None) -> None:
@@ -233,4 +235,4 @@ class Cached:
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                 5: "REFUSED", 16: "BADVERS"}
 
-__all__ = ["Forward", "Responder", "Counter"]
+__all__ = ["Cached", "Forward", "Responder"]

@@ -23,7 +23,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .responder import REBUILD_AFTER, Forward, Responder
-from .wire import Question, plain_reply
+from .wire import plain_reply
 
 log = logging.getLogger("meshdns")
 
@@ -395,4 +395,4 @@ async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
     return 0
 
 
-__all__ = ["DnsServer", "Question", "install_uvloop", "run"]
+__all__ = ["DnsServer", "install_uvloop", "run"]

@@ -47,13 +47,6 @@ def check_address(value: str) -> str:
     return value.rstrip(".").lower()
 
 
-def check_name(value: str) -> str:
-    """A name used as a DNS label (service, node, partition, namespace, peer, datacenter)."""
-    if not isinstance(value, str) or not _LABEL.match(value):
-        raise ValueError(f"{value!r} cannot be used in a DNS name (letters, digits, '-', '_')")
-    return value
-
-
 Address = Annotated[str, BeforeValidator(lambda v: check_address(v) if isinstance(v, str) else v)]
 # Checked by pydantic-core's own regex engine: a Python validator per name costs ~15% of
 # loading a 300,000-instance catalog.

@@ -25,7 +25,6 @@ from ..documents import error_message
 from .model import (
     Catalog,
     CatalogFile,
-    Failover,
     PreparedQuery,
     SamenessGroup,
     Service,
@@ -471,11 +470,7 @@ def pack_address(address: str | None) -> bytes:
         return b""
 
 
-def failover_key(dc: str, partition: str, namespace: str, name: str) -> ServiceKey:
-    return ("", dc, partition, namespace, name)
-
-
 __all__ = [
-    "CatalogProblems", "Failover", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
-    "build_snapshot", "node_labels", "EMPTY_SET",
+    "EMPTY_SET", "CatalogProblems", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
+    "build_snapshot", "dismantle", "node_labels", "pack_address",
 ]
