@@ -16,6 +16,7 @@ from itertools import islice
 
 from .catalog.snapshot import Snapshot
 from .config import Config
+from .fastpath import address_reply, service_addresses
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
 from .resolve import NOERROR, REFUSED, Answer, Settings, nxdomain, resolve
@@ -57,6 +58,7 @@ class Responder:
         domains.sort(key=lambda d: -d.count("."))
         self.domain_names = tuple(domains)
         self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
+        self.primary_labels = tuple(config.domain.split("."))
         self.recursion = bool(config.dns.recursors)
         self.cache_enabled = config.cache.enabled
         self.cache_size = config.cache.size
@@ -131,6 +133,10 @@ class Responder:
             metrics.queries[("malformed", _RCODE_NAMES.get(reject.rcode, str(reject.rcode)),
                              transport)] += 1
             return error_reply(reject, self.recursion)
+        addresses = service_addresses(question, self.snapshot, self.settings,
+                                      self.primary_labels)
+        if addresses is not None:
+            return self._respond_with_addresses(question, addresses, data, tcp, cache, key)
         answer, forward = self.answer(question)
         if forward:
             metrics.queries[("recursor", "forwarded", transport)] += 1
@@ -154,6 +160,26 @@ class Responder:
         # One order now; the others only if the question comes again (the cold path pays once).
         # Only the query's bytes are kept for that: objects here would be walked by every
         # garbage collection while they sit in the cache.
+        self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
+        return data[:2] + reply[2:]
+
+    def _respond_with_addresses(self, question: Question, addresses: list[bytes], data: bytes,
+                                tcp: bool, cache: dict[bytes, Cached], key: bytes) -> bytes:
+        """The fast path's reply (fastpath.py): what the general path would send, written
+        directly. Its other answer orders come from the general path on a second ask."""
+        count = len(addresses)
+        turn = int(self._random.random() * count)
+        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
+                            self.config.dns.enable_truncate)
+        flags = reply_flags(question.flags, NOERROR, True, self.recursion)
+        settings = self.settings
+        reply = address_reply(question, addresses, order, settings.service_ttl(question.labels[0]),
+                              settings.a_record_limit, limits, flags)
+        counter_key = ("service", "NOERROR", "tcp" if tcp else "udp")
+        self.metrics.queries[counter_key] += 1
+        if reply[2] & 0x02:
+            self.metrics.truncated += 1
         self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
         return data[:2] + reply[2:]
 
@@ -200,7 +226,7 @@ class Responder:
         """The reply (ID 0) for each answer order, within the transport's limits."""
         limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
                             self.config.dns.enable_truncate)
-        flags = reply_flags(question.flags, answer, self.recursion)
+        flags = reply_flags(question.flags, answer.rcode, answer.authoritative, self.recursion)
         return [encode(question, answer, order, limits, flags) for order in orders]
 
     def _store(self, cache: dict[bytes, Cached], key: bytes, replies: tuple[bytes, ...],
@@ -210,7 +236,8 @@ class Responder:
         if len(cache) >= self.cache_size:  # drop the oldest tenth (dicts keep insertion order)
             for old in list(islice(cache, max(1, self.cache_size // 10))):
                 self._fold(cache.pop(old))
-        cache[key] = Cached(replies, self._random.randrange(MAX_ORDERS), counter_key, pending)
+        cache[key] = Cached(replies, int(self._random.random() * MAX_ORDERS), counter_key,
+                            pending)
 
 
 class Cached:

@@ -303,13 +303,15 @@ def limits_for(question: Question, tcp: bool, udp_answer_limit: int,
     return Limits(max(512, min(question.edns.udp_size, MAX_UDP)), 0, enable_truncate)
 
 
-def reply_flags(question_flags: int, answer: Answer, recursion_available: bool) -> int:
+def reply_flags(question_flags: int, rcode: int, authoritative: bool,
+                recursion_available: bool) -> int:
+    """QR, RD and CD copied from the query, AA, RA, and the low bits of the rcode."""
     flags = 0x8000 | (question_flags & 0x0100) | (question_flags & 0x0010)  # QR, RD, CD
-    if answer.authoritative:
+    if authoritative:
         flags |= 0x0400
     if recursion_available:
         flags |= 0x0080
-    return flags | (answer.rcode & 0xF)
+    return flags | (rcode & 0xF)
 
 
 def encode(question: Question, answer: Answer, order: Sequence[int] | None, limits: Limits,
@@ -360,7 +362,7 @@ def _encode(question: Question, answer: Answer, answers: Sequence[tuple[Record, 
                     extras.append(rec)
         if answer.additional:
             extras.extend(answer.additional)
-    opt = _opt(question.edns, answer.rcode)
+    opt = edns_opt(question.edns, answer.rcode)
     header = _HEADER.pack(0, flags, 1, len(answers), len(answer.authority),
                           len(extras) + (opt is not None))
     qname = question.name
@@ -379,7 +381,9 @@ def _encode(question: Question, answer: Answer, answers: Sequence[tuple[Record, 
     return bytes(writer.buf)
 
 
-def _opt(edns: Edns | None, rcode: int) -> bytes | None:
+def edns_opt(edns: Edns | None, rcode: int) -> bytes | None:
+    """The OPT record echoed to an EDNS query (None without EDNS): the client's size, DO,
+    the client-subnet option with scope 0, and the upper bits of an extended rcode."""
     if edns is None:
         return None
     options = b"" if edns.ecs is None else _HH.pack(8, len(edns.ecs)) + edns.ecs
@@ -395,7 +399,7 @@ def error_reply(reject: Reject, recursion_available: bool = False) -> bytes:
     flags = 0x8000 | (qflags & 0x7800) | (qflags & 0x0100) | (reject.rcode & 0xF)
     if recursion_available:
         flags |= 0x0080
-    opt = _opt(reject.edns, reject.rcode)
+    opt = edns_opt(reject.edns, reject.rcode)
     header = _HEADER.pack(ident, flags, 1 if reject.question else 0, 0, 0, opt is not None)
     return header + reject.question + (opt or b"")
 
@@ -406,6 +410,6 @@ def plain_reply(question: Question, rcode: int, recursion_available: bool = Fals
     flags = 0x8000 | (question.flags & 0x0110) | rcode
     if recursion_available:
         flags |= 0x0080
-    opt = _opt(question.edns, rcode)
+    opt = edns_opt(question.edns, rcode)
     header = _HEADER.pack(question.id, flags, 1, 0, 0, opt is not None)
     return header + question.raw + (opt or b"")
