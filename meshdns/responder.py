@@ -85,6 +85,10 @@ class Responder:
             return data[:2] + self.cached_reply(entry, cache, key)
         return self._respond_uncached(data, tcp, cache, key)
 
+    def respond_uncached(self, data: bytes, tcp: bool, key: bytes) -> bytes | Forward | None:
+        """``respond`` for a query the caller already looked up in vain (``key``: data[2:])."""
+        return self._respond_uncached(data, tcp, self.tcp_cache if tcp else self.udp_cache, key)
+
     def cached_reply(self, entry: Cached, cache: dict[bytes, Cached], key: bytes) -> bytes:
         """The next order of a cached reply (without its ID)."""
         if entry.pending:  # asked again: now it pays to have every order ready

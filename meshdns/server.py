@@ -48,22 +48,29 @@ class UdpProtocol(asyncio.DatagramProtocol):
         # (Responder.cached_reply, inlined: a method call here costs ~10% of the throughput.)
         self._n += 1
         if self._n % SAMPLE_EVERY:
-            entry = self.cache.get(data[2:])
-            if entry is not None and entry.pending is None \
-                    and entry.turn - entry.start < REBUILD_AFTER:
+            key = data[2:]
+            entry = self.cache.get(key)
+            if entry is None:  # a miss: straight to the responder's miss path
+                self._answer(data, addr, 0.0, key)
+            elif entry.pending is None and entry.turn - entry.start < REBUILD_AFTER:
                 turn = entry.turn
                 entry.turn = turn + 1
                 replies = entry.replies
                 self.transport.sendto(data[:2] + replies[turn % len(replies)], addr)  # type: ignore
-                return
-            self._answer(data, addr, 0.0)
+            else:
+                self._answer(data, addr, 0.0)
         else:
             self._answer(data, addr, time.perf_counter())
 
-    def _answer(self, data: bytes, addr: tuple, started: float) -> None:
-        """Everything else: misses, first repeats, drops, errors, forwards; timed if started."""
+    def _answer(self, data: bytes, addr: tuple, started: float, miss: bytes | None = None) -> None:
+        """Everything else: misses (``miss``: the cache key looked up in vain), first repeats,
+        drops, errors, forwards; timed if started."""
+        responder = self.server.responder
         try:
-            reply = self.server.responder.respond(data, False)
+            if miss is None:
+                reply = responder.respond(data, False)
+            else:
+                reply = responder.respond_uncached(data, False, miss)
         except Exception:  # never die on a packet
             log.exception("internal error answering a UDP query")
             return

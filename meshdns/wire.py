@@ -117,7 +117,9 @@ def parse_query(data: bytes) -> Question:
     qtype, qclass = _HH.unpack_from(data, pos)
     pos += 4
     raw = data[12:pos]
-    edns, pos = _parse_records(data, pos, ancount, nscount, arcount, raw)
+    edns = None
+    if ancount or nscount or arcount:
+        edns, pos = _parse_records(data, pos, ancount, nscount, arcount, raw)
     if pos != size:
         raise Reject(FORMERR, data, raw, edns)  # trailing bytes after the last record
     if edns is not None and edns.version != 0:
