@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog.model import Target
-from .catalog.snapshot import Instance, InstanceSet, NodeRecord, Snapshot, node_labels
+from .catalog.snapshot import (
+    Instance,
+    InstanceSet,
+    NodeRecord,
+    Snapshot,
+    node_labels,
+    pack_address,
+)
 from .config import Config
 from .names import Query, addr_hex, parse
 
@@ -95,16 +102,10 @@ class Settings:
 
 def _ip_record(owner: str | None, ttl: int, ip: str) -> Record | None:
     """A or AAAA for an IP literal; None for a hostname."""
-    if ":" in ip:
-        try:
-            return (owner, AAAA, ttl, socket.inet_pton(socket.AF_INET6, ip))
-        except OSError:
-            return None
-    try:
-        return (owner, A, ttl, socket.inet_aton(ip)) if ip.count(".") == 3 and \
-            ip.replace(".", "").isdigit() else None
-    except OSError:
+    packed = pack_address(ip)
+    if not packed:
         return None
+    return (owner, AAAA if len(packed) == 16 else A, ttl, packed)
 
 
 def soa_record(s: Settings, snap: Snapshot | None, domain: str) -> Record:
@@ -313,15 +314,11 @@ def _address_for(inst: Instance, family: int, s: Settings) -> tuple[str, int, bo
             address, translated = wan.address, True
             if wan.port:
                 port = wan.port
-    if family in (A, AAAA) and _is_ip(address) and (":" in address) != (family == AAAA):
+    if family in (A, AAAA) and pack_address(address) and (":" in address) != (family == AAAA):
         other = tagged.get("lan_ipv6" if family == AAAA else "lan_ipv4")
         if other is not None and not translated:
             address = other.address
     return address, port, translated
-
-
-def _is_ip(address: str) -> bool:
-    return ":" in address or (address.count(".") == 3 and address.replace(".", "").isdigit())
 
 
 def _address_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Settings,
@@ -395,7 +392,7 @@ def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, domain: st
         seen.add(key)
         weight = inst.weight_warning if inst.status == "warning" else inst.weight_passing
         extra: list[Record] = []
-        if not _is_ip(address):
+        if not pack_address(address):
             target = address
         else:
             if inst.own_address or translated:
