@@ -695,3 +695,24 @@ def test_hadolint_passes() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+KUBERNETES_VERSION = "1.30.0"  # an old-enough release: the manifests must not need newer APIs
+
+
+@pytest.mark.parametrize("manifest", all_manifests(), ids=str)
+def test_manifest_is_valid_against_the_kubernetes_schema(manifest: Manifest) -> None:
+    """Strict OpenAPI-schema validation (kubernetes-validate bundles the schemas, so this runs
+    offline): unknown fields, wrong types and missing required fields all fail."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(manifest.obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_schema_validation_rejects_a_broken_manifest() -> None:
+    import kubernetes_validate
+
+    broken = json.loads(json.dumps(the("Deployment").obj))
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "fifty-three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
