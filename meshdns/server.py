@@ -398,7 +398,8 @@ async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
 
         admin_runner = await start_admin(server, config.admin.listen)
     for host, port in server.bound:
-        log.info("serving DNS on %s:%d (udp, tcp), pid %d", host, port, os.getpid())
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving DNS on %s:%d (udp, tcp), pid %d", shown, port, os.getpid())
     if ready:
         ready(server)
     watcher = asyncio.ensure_future(server.watch_catalog())
