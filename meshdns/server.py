@@ -164,8 +164,8 @@ class DnsServer:
         self._signature = file_signature(catalog_path) if catalog_path else None
         self._reloading = False
         self._stopping = asyncio.Event()
-        self._forwards: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
-        self._background: set[asyncio.Future[None]] = set()
+        # tasks in flight (forwards, retiring snapshots): the loop keeps only weak references
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -204,9 +204,11 @@ class DnsServer:
             self.bound.append((host, port))
 
     def start_forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
-        task = asyncio.ensure_future(self.forward(item, tcp, send))
-        self._forwards.add(task)
-        task.add_done_callback(self._forwards.discard)
+        self._keep(asyncio.ensure_future(self.forward(item, tcp, send)))
+
+    def _keep(self, task: asyncio.Future[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         """Ask the recursors in turn; pass back the first NOERROR/NXDOMAIN reply."""
@@ -286,9 +288,7 @@ class DnsServer:
 
     def _retire(self, old: Snapshot) -> None:
         """Free the snapshot just replaced without stalling the event loop (see dismantle)."""
-        task = asyncio.ensure_future(asyncio.to_thread(self._dismantle, old))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._keep(asyncio.ensure_future(asyncio.to_thread(self._dismantle, old)))
 
     @staticmethod
     def _dismantle(old: Snapshot) -> None:
