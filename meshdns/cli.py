@@ -74,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("meshdns")
     snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
                              vip_range=config.virtual_ip_range)
+    if args.config and not args.catalog and config.catalog_path() is None:
+        log.warning("%s sets no catalog.file: serving the example catalog shipped with meshdns",
+                    args.config)
     log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
              snapshot.counts["nodes"], snapshot.counts["instances"],
              snapshot.counts["virtual_ips"])
