@@ -711,3 +711,11 @@ def test_config_in_code_refuses_alt_domain_equal_to_domain() -> None:
     assert [(e["loc"], e["msg"]) for e in exc.value.errors()] == [
         (("alt_domain",), "Value error, alt_domain must differ from domain")]
     assert Config(domain="mesh", alt_domain="consul").alt_domain == "consul"
+
+
+def test_configs_catalog_is_the_shipped_example() -> None:
+    """configs/catalog.yaml (what users read) and the copy inside the package (what
+    `meshdns serve` serves with no options) are one file, byte for byte."""
+    root = Path(__file__).resolve().parent.parent
+    shipped = root / "meshdns" / "examples" / "catalog.yaml"
+    assert (root / "configs" / "catalog.yaml").read_bytes() == shipped.read_bytes()
