@@ -296,7 +296,7 @@ def instance_answer(instances: Sequence[Instance], qtype: int, ttl: int, s: Sett
     if qtype in (A, AAAA, ANY):
         return _address_answer(instances, qtype, ttl, s, snap, domain, kind)
     if qtype == SRV:
-        return _srv_answer(instances, ttl, s, domain, kind)
+        return _srv_answer(instances, ttl, s, snap, domain, kind)
     return nodata(s, snap, domain, kind)
 
 
@@ -358,30 +358,37 @@ def _cname_answer(host: str, qtype: int, ttl: int, s: Settings, snap: Snapshot, 
                   kind: str) -> Answer:
     """``qname CNAME host`` plus host's records when host is itself under our domain."""
     answer = Answer(answers=[((None, CNAME, ttl, host), ())], kind=kind)
+    answer.answers.extend((rec, ()) for rec in _host_addresses(host, qtype, ttl, s, snap, domain))
+    return answer
+
+
+def _host_addresses(host: str, qtype: int, ttl: int, s: Settings, snap: Snapshot,
+                    domain: str) -> list[Record]:
+    """A/AAAA records of a hostname that is itself under our domain (none for others: names
+    outside the domain are not looked up on the packet path). Loops end after 3 levels."""
     labels = tuple(host.split("."))
     dl = tuple(domain.split("."))
     depth = _CNAME_DEPTH.get()
-    if depth < 3 and labels[-len(dl):] == dl:
-        inner = parse(labels[:-len(dl)], domain)
-        if inner.kind in ("service", "node", "virtual", "addr", "connect", "ingress"):
-            token = _CNAME_DEPTH.set(depth + 1)
-            try:
-                sub = resolve(inner, qtype, snap, s)
-            finally:
-                _CNAME_DEPTH.reset(token)
-            for (owner, rtype, _ttl, rdata), _extra in sub.answers:
-                if rtype in (A, AAAA):
-                    answer.answers.append(((host if owner is None else owner, rtype, ttl,
-                                            rdata), ()))
-    return answer
+    if depth >= 3 or labels[-len(dl):] != dl:
+        return []
+    inner = parse(labels[:-len(dl)], domain)
+    if inner.kind not in ("service", "node", "virtual", "addr", "connect", "ingress"):
+        return []
+    token = _CNAME_DEPTH.set(depth + 1)
+    try:
+        sub = resolve(inner, qtype, snap, s)
+    finally:
+        _CNAME_DEPTH.reset(token)
+    return [(host if owner is None else owner, rtype, ttl, rdata)
+            for (owner, rtype, _ttl, rdata), _extra in sub.answers if rtype in (A, AAAA)]
 
 
 def _locality_labels(inst: Instance) -> str:
     return f"{inst.peer}.peer" if inst.peer else inst.datacenter
 
 
-def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, domain: str,
-                kind: str) -> Answer:
+def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, snap: Snapshot,
+                domain: str, kind: str) -> Answer:
     seen: set[tuple[str, str, int]] = set()
     answers: list[tuple[Record, tuple[Record, ...]]] = []
     for inst in instances:
@@ -392,8 +399,9 @@ def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, domain: st
         seen.add(key)
         weight = inst.weight_warning if inst.status == "warning" else inst.weight_passing
         extra: list[Record] = []
-        if not pack_address(address):
+        if not pack_address(address):  # a hostname: the target itself, and its addresses
             target = address
+            extra.extend(_host_addresses(address, ANY, ttl, s, snap, domain))
         else:
             if inst.own_address or translated:
                 target = f"{addr_hex(address)}.addr.{_locality_labels(inst)}.{domain}"

@@ -1316,3 +1316,29 @@ def test_translate_wan_addrs() -> None:
     }
     assert answers(ask("d1.node.dc2.consul", A, WAN, on)) == [a("198.51.100.21")]
     assert answers(ask("n1.node.consul", A, WAN, on)) == [a("10.0.0.1")]
+
+
+# --- SRV targets that are hostnames ----------------------------------------------------------
+
+HOSTNAMES = build({
+    "nodes": [{"name": "n1", "address": "10.0.0.1"}, {"name": "n2", "address": "10.0.0.2"}],
+    "services": [
+        {"name": "web", "id": "web-1", "node": "n1", "port": 80},
+        {"name": "web", "id": "web-2", "node": "n2", "port": 80},
+        {"name": "alias", "id": "alias-1", "node": "n1", "address": "web.service.consul",
+         "port": 8080},
+        {"name": "outside", "id": "o-1", "node": "n1", "address": "db.example.com", "port": 5432},
+    ],
+})
+
+
+def test_srv_hostname_target_under_the_domain_carries_its_addresses() -> None:
+    got = srv(ask("alias.service.consul", SRV, HOSTNAMES, settings(dns={"service_ttl": {
+        "*": "7s"}})))
+    assert got == {(None, "SRV", 7, (1, 1, 8080, "web.service.consul")): [
+        a("10.0.0.1", 7, "web.service.consul"), a("10.0.0.2", 7, "web.service.consul")]}
+
+
+def test_srv_hostname_target_outside_the_domain_has_no_additional() -> None:
+    got = srv(ask("outside.service.consul", SRV, HOSTNAMES))
+    assert got == {(None, "SRV", 0, (1, 1, 5432, "db.example.com")): []}
