@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         if config.workers > 1 and not is_worker():
-            return serve_workers(config, catalog, args.config)
+            return serve_workers(config, snapshot, catalog, args.config)
         log.debug("event loop: %s", install_uvloop())
         return asyncio.run(run(config, snapshot, catalog, reuse_port=is_worker()))
     except OSError as exc:

@@ -13,8 +13,10 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .catalog.file import file_signature, load_snapshot
@@ -292,24 +294,16 @@ class DnsServer:
 
     @staticmethod
     def _dismantle(old: Snapshot) -> None:
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 0.0005))
-        try:
+        with gil_handed_back():
             dismantle(old)
-        finally:
-            sys.setswitchinterval(interval)
 
     def _build(self, path: Path) -> Snapshot:
-        """Runs in a worker thread. A short switch interval hands the GIL back to the event
-        loop within a millisecond, so queries keep flowing while a large catalog loads."""
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 0.0005))
-        try:
+        """Runs in a worker thread, handing the GIL back to the event loop often enough that
+        queries keep flowing while a large catalog loads."""
+        with gil_handed_back():
             return load_snapshot(path, local_datacenter=self.config.datacenter,
                                  vip_range=self.config.virtual_ip_range,
                                  previous=self.snapshot, yielding=True)
-        finally:
-            sys.setswitchinterval(interval)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -353,6 +347,31 @@ async def _exchange(data: bytes, host: str, port: int, tcp: bool) -> bytes:
         return await future
     finally:
         transport.close()
+
+
+_gil_lock = threading.Lock()
+_gil_users = 0
+_gil_interval = 0.005
+
+
+@contextmanager
+def gil_handed_back(interval: float = 0.0005) -> Iterator[None]:
+    """While a worker thread does long Python work (a reload, freeing a snapshot), make the
+    interpreter switch threads every ``interval`` so the event loop waits at most that long
+    for the GIL. Counted, so overlapping users restore the original setting only once."""
+    global _gil_users, _gil_interval
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_gil_interval, interval))
+        _gil_users += 1
+    try:
+        yield
+    finally:
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_interval)
 
 
 async def freeze_survivors(interval: float = 1.0) -> None:

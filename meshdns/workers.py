@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .catalog.file import load_snapshot
+from .catalog.snapshot import Snapshot
 from .config import Config
 from .server import DnsServer, install_uvloop, run
 
@@ -85,11 +85,10 @@ class Supervisor:
                 child.kill()
 
 
-def serve_workers(config: Config, catalog: Path, config_file: str | None = None) -> int:
-    """Run the first worker here and supervise the others."""
+def serve_workers(config: Config, snapshot: Snapshot, catalog: Path,
+                  config_file: str | None = None) -> int:
+    """Run the first worker here (on the snapshot already loaded) and supervise the others."""
     install_uvloop()
-    snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
-                             vip_range=config.virtual_ip_range)
     supervisor = Supervisor(config, catalog, config_file)
     try:
         return asyncio.run(run(config, snapshot, catalog, ready=supervisor.start,

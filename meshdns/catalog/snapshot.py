@@ -99,9 +99,6 @@ class InstanceSet(NamedTuple):
         return self.passing if only_passing else self.usable
 
 
-EMPTY_SET = InstanceSet((), ())
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a query needs, indexed by the keys queries use."""
@@ -471,6 +468,6 @@ def pack_address(address: str | None) -> bytes:
 
 
 __all__ = [
-    "EMPTY_SET", "CatalogProblems", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
+    "CatalogProblems", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
     "build_snapshot", "dismantle", "node_labels", "pack_address",
 ]
