@@ -1,9 +1,10 @@
-"""``meshdns serve | check | query``: the command line of ``shared/spec/catalog.md``."""
+"""``meshdns serve | check | query``: the command line (reference: ``docs/reference.md``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from .catalog.file import example_catalog_path, load_snapshot
 from .config import Config, load_config, parse_hostport
+from .documents import read_document
 from .errors import ConfigError
 
 
@@ -28,6 +30,21 @@ class JsonLines(logging.Formatter):
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def log_problems(problems: list[str]) -> None:
+    """Startup errors of ``serve``, as JSON lines like every other log line."""
+    if not logging.getLogger("meshdns").handlers:
+        setup_logging("info")
+    for problem in problems:
+        logging.getLogger("meshdns").error("%s", problem)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("meshdns")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+        return "unknown"
 
 
 def setup_logging(level: str) -> None:
@@ -61,22 +78,57 @@ def _settings(args: argparse.Namespace) -> tuple[Config, Path]:
             update={"listen": None if admin == "off" else admin})
     if overrides:
         config = config.model_copy(update=overrides)
+    return config, catalog_to_serve(args, config)
+
+
+def catalog_to_serve(args: argparse.Namespace, config: Config) -> Path:
+    """``--catalog``, else ``--example``, else the config's ``catalog.file``. The example catalog
+    is served only when asked for, or when no config is given at all (``meshdns serve`` on a
+    laptop): a production config that forgot its catalog must not serve demo addresses."""
     if args.catalog:
-        catalog = Path(args.catalog)
-    else:
-        catalog = config.catalog_path() or example_catalog_path()
-    return config, catalog
+        return Path(args.catalog)
+    if args.example:
+        return example_catalog_path()
+    path = config.catalog_path()
+    if args.config is None:
+        return example_catalog_path()
+    if path is None:
+        raise ConfigError([f"{config_line(args.config, 'catalog')}: catalog.file: {args.config} "
+                           "names no catalog: set catalog.file, or pass --catalog FILE "
+                           "(--example serves the example catalog shipped with meshdns)"])
+    if not path.exists():
+        raise ConfigError([f"{config_line(args.config, 'catalog', 'file')}: catalog.file: "
+                           f"{path} does not exist: mount or write the catalog there, or pass "
+                           "--catalog FILE (--example serves the example catalog)"])
+    return path
+
+
+def config_line(file: str, *path: str) -> str:
+    """``file:line`` of a key in the config (for problems found after validation)."""
+    try:
+        return read_document(Path(file)).where(path).rsplit(": ", 1)[0]
+    except ConfigError:
+        return f"{file}:1"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config, catalog = _settings(args)
+    try:
+        config, catalog = _settings(args)
+    except ConfigError as exc:
+        log_problems(exc.problems)
+        return 1
     setup_logging(config.log_level)
     log = logging.getLogger("meshdns")
-    snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
-                             vip_range=config.virtual_ip_range)
-    if args.config and not args.catalog and config.catalog_path() is None:
-        log.warning("%s sets no catalog.file: serving the example catalog shipped with meshdns",
-                    args.config)
+    if catalog == example_catalog_path():
+        log.warning("serving the example catalog shipped with meshdns (%s), not your services: "
+                    "%s", catalog, "asked for with --example" if args.example else
+                    "no --config or --catalog given")
+    try:
+        snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
+                                 vip_range=config.virtual_ip_range)
+    except ConfigError as exc:
+        log_problems(exc.problems)
+        return 1
     log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
              snapshot.counts["nodes"], snapshot.counts["instances"],
              snapshot.counts["virtual_ips"])
@@ -125,7 +177,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     except dns.rdatatype.UnknownRdatatype:
         print(f"meshdns query: unknown record type {args.type!r}", file=sys.stderr)
         return 2
-    message = dns.message.make_query(args.name, rdtype, use_edns=0 if args.edns else None)
+    try:
+        message = dns.message.make_query(args.name, rdtype, use_edns=0 if args.edns else None)
+    except dns.exception.DNSException as exc:  # an empty or too long label, a name too long
+        print(f"meshdns query: {args.name!r} is not a valid DNS name: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.tcp:
             reply = dns.query.tcp(message, host, port=port, timeout=args.timeout)
@@ -140,6 +196,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshdns", description="Consul mesh names over DNS.")
+    parser.add_argument("--version", action="version", version=f"meshdns {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve DNS (default: the example catalog on "
@@ -148,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (serve, check):
         p.add_argument("--config", help="server config (YAML)")
         p.add_argument("--catalog", help="catalog file (YAML or JSON); overrides the config")
+        p.add_argument("--example", action="store_true",
+                       help="use the example catalog shipped with meshdns (demo data)")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT",
                        help="address to serve on, UDP and TCP (repeatable; port 0: any free)")
     serve.add_argument("--admin", metavar="HOST:PORT",

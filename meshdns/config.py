@@ -10,28 +10,67 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from .documents import read_document, validate
 from .errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# Go's time.ParseDuration units (what Consul's config accepts): 1m30s, 1h2m3.5s, 500us, 250ms
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
+          "m": 60.0, "h": 3600.0}
+_PART = re.compile(rf"({_NUMBER})\s*(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_DURATION = re.compile(rf"(?:{_PART.pattern}\s*)+")
+_BARE = re.compile(_NUMBER)
+DURATION_HINT = "a duration like 10s, 500ms, 1m30s or 1h (units ns, us, ms, s, m, h)"
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``10s``, ``1m``, ``250ms``, ``1h`` or a bare number of seconds."""
+    """Seconds from a Go/Consul duration (``10s``, ``250ms``, ``1m30s``, ``1h2m3.5s``,
+    ``500us``) or a bare number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 10s, 500ms or 1m")
+        raise ValueError(f"expected {DURATION_HINT}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"expected a duration like 10s, 500ms or 1m, got {value!r}")
+        text = value.strip()
+        if _BARE.fullmatch(text):
+            return float(text)
+        if _DURATION.fullmatch(text):
+            return sum(float(number) * _UNITS[unit] for number, unit in _PART.findall(text))
+    raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+
+
+def at_least(minimum: float, why: str) -> Any:
+    """A validator for a ``Duration`` field that must not be shorter than ``minimum``."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and value < minimum:
+            raise ValueError(f"must be at least {format_duration(minimum)} ({why}), "
+                             f"got {format_duration(value)}")
+        return value
+
+    return check
+
+
+def format_duration(seconds: float) -> str:
+    """``0.025`` -> ``25ms``, ``90`` -> ``90s``: the shortest way the config would write it."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= size:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds / 1e-9:g}ns"
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -82,7 +121,8 @@ class DnsSettings(_Model):
     translate_wan_addrs: bool = False
     soa: SoaSettings = SoaSettings()
     recursors: list[str] = Field(default_factory=list)
-    recursor_timeout: Duration = 2.0
+    recursor_timeout: Annotated[Duration, AfterValidator(
+        at_least(0.001, "a recursor cannot answer in no time"))] = 2.0
 
     @field_validator("recursors")
     @classmethod
@@ -113,7 +153,8 @@ class ConsulSource(_Model):
 class CatalogSettings(_Model):
     file: str | None = None
     consul: ConsulSource | None = None
-    poll_interval: Duration = 0.025  # how often the catalog file is checked for a change
+    poll_interval: Annotated[Duration, AfterValidator(
+        at_least(0.005, "a shorter interval polls the file in a busy loop"))] = 0.025
 
 
 class AdminSettings(_Model):

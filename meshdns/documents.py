@@ -7,7 +7,9 @@ fast C parser and the line is looked up only when a problem needs it.
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,17 +163,19 @@ def validate(doc: Document, model: type[BaseModel], context: dict[str, Any] | No
     try:
         return model.model_validate(doc.data if doc.data is not None else {}, context=context)
     except ValidationError as exc:
-        raise ConfigError(problems_from(doc, exc.errors(include_url=False))) from None
+        raise ConfigError(problems_from(doc, exc.errors(include_url=False), model)) from None
 
 
-def problems_from(doc: Document, errors: Sequence[Any]) -> list[str]:
-    """Format pydantic error dicts against a document."""
+def problems_from(doc: Document, errors: Sequence[Any],
+                  model: type[BaseModel] | None = None) -> list[str]:
+    """Format pydantic error dicts against a document (``model``: what the document was
+    validated as, so an unknown key can be answered with the valid ones)."""
     out = []
     for err in errors:
         loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
         # pydantic adds union-branch names ("str", "function-after[...]") to loc: drop them
         loc = real_path(doc.data, loc)
-        out.append(f"{doc.where(loc)}: {error_message(err)}")
+        out.append(f"{doc.where(loc)}: {error_message(err, model)}")
     return out
 
 
@@ -191,9 +195,93 @@ def real_path(data: Any, loc: PathKey) -> PathKey:
     return tuple(out)
 
 
-def error_message(err: Any) -> str:
-    """A pydantic error dict as a reason a user can act on."""
+def error_message(err: Any, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error dict as a reason a user can act on (``model``: the model ``err``'s
+    location starts from, to list the valid keys of an unknown one)."""
     if err.get("type") == "string_pattern_mismatch":
         return (f"{err.get('input')!r} cannot be used in a DNS name "
                 "(letters, digits, '-', '_' and '.', at most 63 characters)")
+    if err.get("type") == "extra_forbidden" and model is not None:
+        loc = [p for p in err["loc"] if isinstance(p, (str, int))]
+        parent = model_at(model, loc[:-1])
+        if parent is not None and loc and isinstance(loc[-1], str):
+            return unknown_key(loc[-1], parent)
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+def unknown_key(key: str, model: type[BaseModel]) -> str:
+    """``unknown field 'recursor'; did you mean 'recursors'? valid fields: ...``.
+
+    A key that belongs to a section below (``recursors`` at the top of the server config, where
+    Consul's agent config has it) is pointed there."""
+    fields = [name for name, info in model.model_fields.items() if not info.exclude]
+    text = f"unknown field {key!r}"
+    elsewhere = [".".join(path) for path in field_paths(model) if path[-1] == key.lower()
+                 and len(path) > 1]
+    close = difflib.get_close_matches(key.lower(), fields, n=1, cutoff=0.6)
+    if elsewhere and len(elsewhere) <= 2:
+        text += f"; did you mean {' or '.join(elsewhere)}?"
+    elif close:
+        text += f"; did you mean {close[0]!r}?"
+    return f"{text} (valid here: {', '.join(fields)})"
+
+
+def field_paths(model: type[BaseModel], prefix: tuple[str, ...] = (),
+                depth: int = 3) -> list[tuple[str, ...]]:
+    """Every field path below ``model`` (through nested models), a few levels deep."""
+    out: list[tuple[str, ...]] = []
+    for name, info in model.model_fields.items():
+        if info.exclude:
+            continue
+        out.append((*prefix, name))
+        nested = nested_model(info.annotation)
+        if nested is not None and depth > 1:
+            out += field_paths(nested, (*prefix, name), depth - 1)
+    return out
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly or in a list, dict or optional; else ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return nested_model(args[0])
+    if origin is dict and len(args) == 2:
+        return nested_model(args[1])
+    for arg in args:  # list[X], X | None, Union[...]
+        found = nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model that validates the value at ``loc`` below ``model`` (list indexes and dict
+    keys pass through), or ``None`` where the path leaves the models."""
+    current: type[BaseModel] | None = model
+    pending_container = False
+    for part in loc:
+        if current is None:
+            return None
+        if pending_container:
+            pending_container = False  # a list index or dict key: same model
+            continue
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return None
+        annotation = info.annotation
+        current = nested_model(annotation)
+        pending_container = _is_container(annotation)
+    return None if pending_container else current
+
+
+def _is_container(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_container(typing.get_args(annotation)[0])
+    if origin in (list, dict, tuple, set, frozenset):
+        return True
+    return any(_is_container(a) for a in typing.get_args(annotation)
+               if a is not type(None) and typing.get_origin(a) is not None)

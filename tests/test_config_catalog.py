@@ -17,10 +17,17 @@ import pytest
 from pydantic import ValidationError
 
 from meshdns.catalog.file import example_catalog_path, load_snapshot
-from meshdns.catalog.model import Catalog
+from meshdns.catalog.model import Catalog, Node, Service
 from meshdns.catalog.snapshot import Snapshot, build_snapshot
 from meshdns.cli import main
-from meshdns.config import Config, load_config, parse_duration, parse_hostport
+from meshdns.config import (
+    DURATION_HINT,
+    Config,
+    DnsSettings,
+    load_config,
+    parse_duration,
+    parse_hostport,
+)
 from meshdns.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +135,13 @@ def test_example_catalog() -> None:
 
 # --- bad YAML catalogs ---------------------------------------------------------------------
 
+# the valid keys an unknown-field error lists (whatever fields the models have today)
+NODE_FIELDS = ", ".join(Node.model_fields)
+SERVICE_FIELDS = ", ".join(Service.model_fields)
+CATALOG_FIELDS = ", ".join(Catalog.model_fields)
+BAD_DURATION = "expected " + DURATION_HINT
+DNS_FIELDS = ", ".join(DnsSettings.model_fields)
+
 BAD_YAML = [
     pytest.param("""\
         nodes:
@@ -185,7 +199,8 @@ BAD_YAML = [
           - name: n1
             address: 10.0.0.1
             colour: red
-        """, ["4: nodes[0].colour: Extra inputs are not permitted"], id="unknown-node-field"),
+        """, ["4: nodes[0].colour: unknown field 'colour' (valid here: " + NODE_FIELDS + ")"],
+        id="unknown-node-field"),
     pytest.param("""\
         nodes:
           - name: n1
@@ -195,12 +210,14 @@ BAD_YAML = [
           - name: api
             node: n1
             colour: red
-        """, ["8: services[1].colour: Extra inputs are not permitted"],
+        """, ["8: services[1].colour: unknown field 'colour' (valid here: " + SERVICE_FIELDS + ")"],
         id="unknown-service-field"),
     pytest.param("""\
         nodes: []
         servics: []
-        """, ["2: servics: Extra inputs are not permitted"], id="unknown-top-field"),
+        """, ["2: servics: unknown field 'servics'; did you mean 'services'? (valid here: "
+              + CATALOG_FIELDS + ")"],
+        id="unknown-top-field"),
     pytest.param("""\
         nodes:
           - name: n1
@@ -312,7 +329,7 @@ BAD_YAML = [
           - name: q
             service: web
             ttl: soon
-        """, ["4: prepared_queries[0].ttl: expected a duration like 10s, 500ms or 1m, got "
+        """, ["4: prepared_queries[0].ttl: " + BAD_DURATION + ", got "
               "'soon'"], id="bad-duration"),
 ]
 
@@ -371,7 +388,8 @@ BAD_JSON = [
             }
           ]
         }
-        """, ["7: nodes[1].colour: Extra inputs are not permitted"], id="unknown-field"),
+        """, ["7: nodes[1].colour: unknown field 'colour' (valid here: " + NODE_FIELDS + ")"],
+        id="unknown-field"),
     pytest.param("""\
         {
           "nodes": [
@@ -514,7 +532,7 @@ def test_check_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (code, out) == (1, "")
     assert err.splitlines() == [
         f"{config}:2: listen: 'localhost:53': 'localhost' is not an IP address",
-        f"{config}:4: dns.node_ttl: expected a duration like 10s, 500ms or 1m, got '10 parsecs'",
+        f"{config}:4: dns.node_ttl: {BAD_DURATION}, got '10 parsecs'",
     ]
 
 
@@ -533,12 +551,12 @@ def test_parse_duration(value: Any, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("10x", "expected a duration like 10s, 500ms or 1m, got '10x'"),
-        ("-1s", "expected a duration like 10s, 500ms or 1m, got '-1s'"),
-        ("", "expected a duration like 10s, 500ms or 1m, got ''"),
-        ("1d", "expected a duration like 10s, 500ms or 1m, got '1d'"),
-        (None, "expected a duration like 10s, 500ms or 1m, got None"),
-        (True, "expected a duration like 10s, 500ms or 1m"),
+        ("10x", BAD_DURATION + ", got '10x'"),
+        ("-1s", BAD_DURATION + ", got '-1s'"),
+        ("", BAD_DURATION + ", got ''"),
+        ("1d", BAD_DURATION + ", got '1d'"),
+        (None, BAD_DURATION + ", got None"),
+        (True, BAD_DURATION),
         (-1, "a duration cannot be negative"),
     ],
 )
@@ -664,7 +682,7 @@ BAD_CONFIG = [
         dns:
           service_ttl:
             web: forever
-        """, ["3: dns.service_ttl.web: expected a duration like 10s, 500ms or 1m, got "
+        """, ["3: dns.service_ttl.web: " + BAD_DURATION + ", got "
               "'forever'"], id="ttl-value"),
     pytest.param("""\
         dns:
@@ -673,7 +691,9 @@ BAD_CONFIG = [
           nodettl: 5s
         """, ["3: dns.udp_answer_limit: Input should be a valid integer, unable to parse "
               "string as an integer",
-              "4: dns.nodettl: Extra inputs are not permitted"], id="type-and-unknown"),
+              "4: dns.nodettl: unknown field 'nodettl'; did you mean 'node_ttl'? (valid here: "
+              + DNS_FIELDS + ")"],
+        id="type-and-unknown"),
     pytest.param("""\
         domain: consul
         advertise: 10.0.0.300

@@ -49,7 +49,7 @@ def _read_json(path: Path) -> Catalog:
     doc = read_document(path)  # the slow path, only to name lines
     if not isinstance(doc.data, dict):
         raise ConfigError([f"{doc.where(())}: expected an object with nodes, services, ..."])
-    raise ConfigError(problems_from(doc, errors))
+    raise ConfigError(problems_from(doc, errors, CatalogFile))
 
 
 def _read_json_yielding(path: Path) -> Catalog:
@@ -71,7 +71,8 @@ def _read_json_yielding(path: Path) -> Catalog:
         catalog = CatalogFile.model_validate(data)
     except ValidationError as exc:
         doc = read_document(path)
-        raise ConfigError(problems_from(doc, exc.errors(include_url=False))) from None
+        errors = exc.errors(include_url=False)
+        raise ConfigError(problems_from(doc, errors, CatalogFile)) from None
     if not isinstance(services, list):
         doc = read_document(path)
         raise ConfigError([f"{doc.where(('services',))}: expected a list of services"])

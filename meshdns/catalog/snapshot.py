@@ -192,7 +192,7 @@ def build_snapshot(
             except ValidationError as exc:
                 for err in exc.errors(include_url=False):
                     loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
-                    problems.append((("services", i, *loc), error_message(err)))
+                    problems.append((("services", i, *loc), error_message(err, Service)))
                 continue
         candidates = by_name.get(s.node.lower(), [])
         if len(candidates) > 1 or s.peer or s.datacenter or s.partition:
