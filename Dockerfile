@@ -2,7 +2,13 @@
 #
 # meshdns container image.
 #   docker build -t ghcr.io/example/meshdns:0.1.0 .
-#   docker run --rm -p 53:53/udp -p 53:53/tcp -p 8601:8601 ghcr.io/example/meshdns:0.1.0
+#   docker run --rm -p 53:53/udp -p 53:53/tcp -p 8601:8601 \
+#       -v "$PWD/catalog.yaml:/etc/meshdns/catalog.yaml:ro" ghcr.io/example/meshdns:0.1.0
+#   docker run --rm -p 53:53/udp -p 53:53/tcp ghcr.io/example/meshdns:0.1.0 --example   # demo
+#
+# The image holds no catalog: without one mounted at /etc/meshdns/catalog.yaml, meshdns refuses
+# to start (it would otherwise answer with the example catalog's addresses in production).
+# Arguments are options of `meshdns serve` (see configs/docker/entrypoint.sh).
 #
 # Port 53 as a non-root user (uid 10001): binding below 1024 needs CAP_NET_BIND_SERVICE, and a
 # capability granted to the container (`--cap-add`, or Kubernetes `capabilities.add`) does not
@@ -52,12 +58,12 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
         --shell /usr/sbin/nologin meshdns
 
 COPY configs/docker/config.yaml /etc/meshdns/config.yaml
-COPY configs/catalog.yaml /etc/meshdns/catalog.yaml
+COPY --chmod=0755 configs/docker/entrypoint.sh /usr/local/bin/meshdns-entrypoint
 
 USER 10001:10001
 EXPOSE 53/udp 53/tcp 8601/tcp
 # Liveness only (/ready would mark a slow catalog load unhealthy); assumes the admin port above.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8601/health', timeout=2)"]
-ENTRYPOINT ["meshdns"]
-CMD ["serve", "--config", "/etc/meshdns/config.yaml"]
+ENTRYPOINT ["meshdns-entrypoint"]
+CMD []

@@ -651,13 +651,17 @@ def test_dockerfile_copies_existing_files() -> None:
 def test_dockerfile_runs_the_docker_config() -> None:
     entrypoint = json.loads(next(instruction_args("ENTRYPOINT")))
     command = json.loads(list(instruction_args("CMD"))[-1])
-    assert entrypoint == ["meshdns"]
-    assert command[0] == "serve"
-    assert PurePosixPath(command[command.index("--config") + 1]) == docker_config_path()
+    assert entrypoint == ["meshdns-entrypoint"]
+    assert command == [], "arguments are serve options; the entrypoint adds serve --config"
+    script = (CONFIGS / "docker" / "entrypoint.sh").read_text()
+    copied = {PurePosixPath(args.split()[-1]) for args in instruction_args("COPY")}
+    assert PurePosixPath("/usr/local/bin/meshdns-entrypoint") in copied
+    default = re.search(r"\$\{MESHDNS_CONFIG:-([^}]+)\}", script)
+    assert default and PurePosixPath(default.group(1)) == docker_config_path()
+    assert 'exec meshdns "$@"' in script, "exec, so SIGTERM reaches meshdns"
     config = load_documents(CONFIGS / "docker" / "config.yaml")[0]
     catalog = docker_config_path().parent / config["catalog"]["file"]
-    copied_to = {PurePosixPath(args.split()[-1]) for args in instruction_args("COPY")}
-    assert catalog in copied_to, f"the image has no catalog at {catalog}"
+    assert catalog not in copied, "the image must not bake in a catalog (issue 10 point 3)"
 
 
 def test_dockerfile_exposes_the_configured_ports() -> None:

@@ -150,14 +150,52 @@ def local_config(text: str) -> str:
     return yaml.safe_dump(config)
 
 
+def command_here(command: list[str], etc: Path, mount: PurePosixPath) -> list[str]:
+    """The container's command as run here: its program found (``meshdns``: the venv's
+    console script; ``meshdns-entrypoint``: the checkout's script the Dockerfile installs),
+    paths under ``mount`` moved to ``etc``."""
+    program = command[0]
+    if program == "meshdns":
+        here = meshdns_executable()
+    else:
+        installed = [source for target, source in read_image().files.items()
+                     if target.name == program and str(target.parent) in IMAGE_PATH]
+        assert installed, f"{program} is not installed on the image's PATH by the Dockerfile"
+        here = str(installed[0])
+    return [here, *(Running.map(a, etc, mount) for a in command[1:])]
+
+
+IMAGE_PATH = ("/usr/local/bin", "/usr/bin", "/bin", "/opt/venv/bin")
+
+
+def container_env(etc: Path, mount: PurePosixPath) -> dict[str, str]:
+    """The environment, with the venv's ``meshdns`` first on PATH (as /opt/venv/bin is in the
+    image) and the entrypoint's default config path moved to ``etc``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(meshdns_executable()).parent}:{os.environ.get('PATH', '')}"}
+    default = entrypoint_default_config()
+    if default is not None:
+        env["MESHDNS_CONFIG"] = Running.map(str(default), etc, mount)
+    return env
+
+
+def entrypoint_default_config() -> PurePosixPath | None:
+    """The config path the image's entrypoint script uses when given none."""
+    for target, source in read_image().files.items():
+        if target.name == "meshdns-entrypoint":
+            match = re.search(r"\$\{MESHDNS_CONFIG:-([^}]+)\}", source.read_text())
+            assert match, f"{source}: no default config path"
+            return PurePosixPath(match.group(1))
+    return None
+
+
 class Running:
     """The command running with /etc/meshdns mapped to ``etc``."""
 
     def __init__(self, command: list[str], etc: Path, mount: PurePosixPath) -> None:
-        assert command[0] == "meshdns", command
-        self.args = [meshdns_executable(), *(self.map(a, etc, mount) for a in command[1:])]
+        self.args = command_here(command, etc, mount)
         self.log_path = etc.parent / "meshdns.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = container_env(etc, mount)
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=etc.parent, env=env)
@@ -232,14 +270,14 @@ def addresses(reply: dns.message.Message) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_image_command_serves_the_baked_in_config(run, tmp_path: Path) -> None:
+def image_etc(tmp_path: Path) -> tuple[Image, Path, PurePosixPath, PurePosixPath]:
+    """The image's /etc/meshdns laid out in ``tmp_path`` (the config's listen moved); the
+    config path the default command uses and the directory standing for /etc/meshdns."""
     image = read_image()
-    assert image.command[:2] == ["meshdns", "serve"], image.command
-    config_arg = PurePosixPath(image.command[image.command.index("--config") + 1])
-    mount = config_arg.parent
+    config_arg = entrypoint_default_config()
+    assert config_arg is not None, "the image's entrypoint is not meshdns-entrypoint"
     assert config_arg in image.files, f"the Dockerfile does not COPY {config_arg}"
-
-    # lay out the image's /etc/meshdns: the config (listen moved), the catalog beside it
+    mount = config_arg.parent
     etc = tmp_path / "etc-meshdns"
     etc.mkdir()
     for target, source in image.files.items():
@@ -248,12 +286,34 @@ def test_image_command_serves_the_baked_in_config(run, tmp_path: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             text = source.read_text()
             dest.write_text(local_config(text) if target == config_arg else text)
-    config = yaml.safe_load((etc / config_arg.name).read_text())
-    catalog_file = etc / config["catalog"]["file"]
-    assert catalog_file.exists(), "the config names a catalog the image does not contain"
+    return image, etc, mount, config_arg
 
+
+def test_image_default_command_refuses_without_a_mounted_catalog(tmp_path: Path) -> None:
+    """No catalog in the image: `docker run IMAGE` with nothing mounted must fail clearly,
+    not serve the example catalog's addresses."""
+    image, etc, mount, config_arg = image_etc(tmp_path)
+    config = yaml.safe_load((etc / config_arg.name).read_text())
+    catalog_in_image = mount / config["catalog"]["file"]
+    assert catalog_in_image not in image.files, "the image must not bake in a catalog"
+    result = subprocess.run(command_here(image.command, etc, mount), capture_output=True,
+                            text=True, timeout=60, env=container_env(etc, mount))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error"
+    assert f"catalog.file: {etc / config['catalog']['file']} does not exist" in entry["msg"]
+    assert "--example" in entry["msg"]
+
+
+def test_image_command_serves_a_mounted_catalog(run, tmp_path: Path) -> None:
+    image, etc, mount, config_arg = image_etc(tmp_path)
+    config = yaml.safe_load((etc / config_arg.name).read_text())
+    # `docker run -v $PWD/catalog.yaml:/etc/meshdns/catalog.yaml:ro IMAGE`
+    (etc / config["catalog"]["file"]).write_text(
+        "nodes: [{name: n1, address: 10.1.2.3}]\nservices: [{name: web, node: n1, port: 80}]\n")
     server = run(image.command, etc, mount)
-    assert addresses(server.query("web.virtual.consul")) == {"240.0.0.10"}
+    assert addresses(server.query("web.service.consul")) == {"10.1.2.3"}
     reply = server.query("web.service.consul", "SRV", tcp=True)
     assert reply.rcode() == dns.rcode.NOERROR and reply.answer
     assert server.query("nope.service.consul").rcode() == dns.rcode.NXDOMAIN
@@ -270,17 +330,23 @@ def test_image_command_serves_the_baked_in_config(run, tmp_path: Path) -> None:
     assert server.stop() == 0
 
 
-def test_image_config_passes_meshdns_check(tmp_path: Path) -> None:
-    image = read_image()
-    config_arg = PurePosixPath(image.command[image.command.index("--config") + 1])
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    for target, source in image.files.items():
-        if target.is_relative_to(config_arg.parent):
-            shutil.copy(source, etc / target.relative_to(config_arg.parent))
-    result = subprocess.run([meshdns_executable(), "check", "--config",
-                             str(etc / config_arg.name)],
-                            capture_output=True, text=True, timeout=60)
+def test_image_serves_the_example_only_when_asked(run, tmp_path: Path) -> None:
+    """`docker run IMAGE --example`: the baked-in config, with the example catalog."""
+    image, etc, mount, _ = image_etc(tmp_path)
+    server = run([*image.command, "--example"], etc, mount)
+    assert addresses(server.query("web.virtual.consul")) == {"240.0.0.10"}
+    log = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    assert any("serving the example catalog" in e["msg"] and e["level"] == "warning"
+               for e in log)
+    assert server.stop() == 0
+
+
+def test_image_passes_other_commands_through(tmp_path: Path) -> None:
+    """`docker run IMAGE check --config ... --example`: a first word is a meshdns command."""
+    image, etc, mount, config_arg = image_etc(tmp_path)
+    command = [*image.command, "check", "--config", str(config_arg), "--example"]
+    result = subprocess.run(command_here(command, etc, mount), capture_output=True, text=True,
+                            timeout=60, env=container_env(etc, mount))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "catalog:" in result.stdout
 
