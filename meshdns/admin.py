@@ -18,13 +18,18 @@ def make_app(server: DnsServer) -> web.Application:
 
     async def ready(_: web.Request) -> web.Response:
         snap = server.snapshot
-        if snap is None or not server.bound:
-            return web.Response(status=503, text="not ready: no catalog loaded\n")
-        failing_since = server.reload_failing_since
+        state = server.state
+        if not state.ready or not server.bound:
+            why = f": {state.last_error}" if state.last_error else ""
+            return web.Response(status=503, text=f"not ready: no catalog loaded{why}\n")
+        if not state.serving:
+            return web.Response(status=503, text="not ready: catalog too stale to serve: "
+                                f"{state.last_error}\n")
+        failing_since = state.failing_since
         limit = server.config.admin.ready_max_reload_failure
         if failing_since is not None and limit is not None and time.time() - failing_since > limit:
             return web.Response(status=503, text="not ready: catalog stale, last reload failed: "
-                                f"{server.last_reload_error}\n")
+                                f"{state.last_error}\n")
         return web.Response(text=f"ready: generation {snap.generation}\n")
 
     async def metrics(_: web.Request) -> web.Response:
@@ -34,7 +39,7 @@ def make_app(server: DnsServer) -> web.Application:
             len(server.responder.tcp_cache)
         responder = server.responder
         text = server.metrics.render(extra, responder.query_counts(),
-                                     responder.truncated_count())
+                                     responder.truncated_count(), server.state.errors)
         return web.Response(text=text,
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
@@ -53,7 +58,8 @@ def make_app(server: DnsServer) -> web.Application:
             "partitions": sorted(snap.partitions),
             "peers": sorted(snap.peers),
             "services": services[:1000],
-            "last_reload_error": server.last_reload_error,
+            "last_reload_error": server.state.last_error,
+            "state": server.state.as_json(),
         })
 
     app = web.Application()

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .catalog.file import example_catalog_path, load_snapshot
+from .catalog.file import FileSource, example_catalog_path
+from .catalog.sources import source_for
 from .config import Config, load_config, parse_hostport
 from .documents import read_document
 from .errors import ConfigError
@@ -56,8 +57,9 @@ def setup_logging(level: str) -> None:
     root.propagate = False
 
 
-def _settings(args: argparse.Namespace) -> tuple[Config, Path]:
-    """The config with the command line's overrides, and the catalog file to serve."""
+def _settings(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config with the command line's overrides, and the catalog file to serve (None:
+    the config follows a Consul cluster)."""
     config = load_config(Path(args.config) if args.config else None)
     overrides: dict = {}
     if getattr(args, "listen", None):
@@ -81,7 +83,7 @@ def _settings(args: argparse.Namespace) -> tuple[Config, Path]:
     return config, catalog_to_serve(args, config)
 
 
-def catalog_to_serve(args: argparse.Namespace, config: Config) -> Path:
+def catalog_to_serve(args: argparse.Namespace, config: Config) -> Path | None:
     """``--catalog``, else ``--example``, else the config's ``catalog.file``. The example catalog
     is served only when asked for, or when no config is given at all (``meshdns serve`` on a
     laptop): a production config that forgot its catalog must not serve demo addresses."""
@@ -89,6 +91,8 @@ def catalog_to_serve(args: argparse.Namespace, config: Config) -> Path:
         return Path(args.catalog)
     if args.example:
         return example_catalog_path()
+    if config.catalog.consul is not None:
+        return None  # no file: the Consul source
     path = config.catalog_path()
     if args.config is None:
         return example_catalog_path()
@@ -124,22 +128,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "%s", catalog, "asked for with --example" if args.example else
                     "no --config or --catalog given")
     try:
-        snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
-                                 vip_range=config.virtual_ip_range)
+        source = source_for(config, catalog)
+        if isinstance(source, FileSource):  # a broken file at start-up is an error, not a wait
+            snapshot = source.load()
+            log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
+                     snapshot.counts["nodes"], snapshot.counts["instances"],
+                     snapshot.counts["virtual_ips"])
     except ConfigError as exc:
         log_problems(exc.problems)
         return 1
-    log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
-             snapshot.counts["nodes"], snapshot.counts["instances"],
-             snapshot.counts["virtual_ips"])
     from .server import install_uvloop, run
     from .workers import is_worker, serve_workers
 
     try:
         if config.workers > 1 and not is_worker():
-            return serve_workers(config, snapshot, catalog, args.config)
+            return serve_workers(config, source, args.config)
         log.debug("event loop: %s", install_uvloop())
-        return asyncio.run(run(config, snapshot, catalog, reuse_port=is_worker()))
+        return asyncio.run(run(config, source, reuse_port=is_worker()))
     except OSError as exc:
         log.error("%s", exc)
         return 1
@@ -147,8 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config, catalog = _settings(args)
-    snapshot = load_snapshot(catalog, local_datacenter=config.datacenter,
-                             vip_range=config.virtual_ip_range)
+    source = source_for(config, catalog)
+    assert isinstance(source, FileSource)  # the Consul source's check comes with it
+    snapshot = source.load()
     c = snapshot.counts
     print(f"config: {args.config or '(defaults)'}: ok (domain {config.domain}, "
           f"datacenter {config.datacenter}, listen {', '.join(config.listen)})")

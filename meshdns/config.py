@@ -75,6 +75,24 @@ def format_duration(seconds: float) -> str:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
+               "GB": 1000**3, "GiB": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``64MiB``, ``500KB``, ``1GiB`` or a bare number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    raise ValueError(f"expected a size like 64MiB, 500KB or a number of bytes, got {value!r}")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
 
 def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
     """``("127.0.0.1", 8600)`` from ``127.0.0.1:8600``, ``[::1]:53`` or a bare address."""
@@ -155,6 +173,13 @@ class CatalogSettings(_Model):
     consul: ConsulSource | None = None
     poll_interval: Annotated[Duration, AfterValidator(
         at_least(0.005, "a shorter interval polls the file in a busy loop"))] = 0.025
+    # A larger file is refused unread. Parsing costs ~10x the file's size in memory for JSON
+    # and far more for YAML: the default keeps a reload inside the shipped 256 MiB pod.
+    max_size: ByteSize = Field(16 * 1024**2, ge=1)
+    # A reload still parsing after this long is abandoned (the last good catalog stays).
+    max_parse_time: Duration = Field(60.0, gt=0)
+    # A reload that would remove more than this share of the instances is refused; 1.0: off.
+    max_drop: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class AdminSettings(_Model):

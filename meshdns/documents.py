@@ -21,9 +21,32 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError
 
 try:  # the C loader is ~10x faster; fall back where libyaml is missing
-    _Loader: type = yaml.CSafeLoader
+    _Base: type = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - depends on the PyYAML build
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+
+class _Loader(_Base):  # type: ignore[misc, valid-type]
+    """The safe loader, minus two surprises: dates stay text (Consul's meta is text, and
+    ``release: 2024-02-30`` must not fail as an impossible date), and a value that cannot be
+    built (``port: 0b_``) is a syntax error at its line instead of an exception from deep
+    inside PyYAML."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in _Base.yaml_implicit_resolvers.items()
+    }
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} cannot be read as {node.tag.rsplit(':', 1)[-1]}: "
+                f"{exc}", node.start_mark) from None
 
 PathKey = tuple[str | int, ...]
 
@@ -49,11 +72,13 @@ def dotted(path: Iterable[str | int]) -> str:
     return out or "(top level)"
 
 
-def read_document(path: Path) -> Document:
-    """Parse a YAML or JSON file; syntax errors become a ``ConfigError`` with the line."""
+def read_document(path: Path, text: str | None = None) -> Document:
+    """Parse a YAML or JSON file (``text``: its content, already read); syntax errors become a
+    ``ConfigError`` with the line."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if text is None:
+            text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{file}:0: (file): cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
@@ -68,6 +93,8 @@ def _read_json(file: str, text: str) -> Document:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{file}:{exc.lineno}: (syntax): {exc.msg}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{file}:1: (syntax): nested too deeply"]) from None
     return Document(file, data, lambda p: _json_line(text, p))
 
 
@@ -84,6 +111,8 @@ def _read_yaml(file: str, text: str) -> Document:
         raise ConfigError([f"{file}:{line}: (syntax): {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{file}:0: (syntax): {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{file}:1: (syntax): nested too deeply"]) from None
     finally:
         loader.dispose()
     return Document(file, data, lambda p: _yaml_line(node, p))

@@ -35,11 +35,13 @@ class Metrics:
 
     def render(self, extra: dict[str, float] | None = None,
                queries: Counter[tuple[str, str, str]] | None = None,
-               truncated: int | None = None) -> str:
+               truncated: int | None = None, reload_errors: int | None = None) -> str:
         """The Prometheus text format (version 0.0.4). ``queries``/``truncated``: totals that
-        include the cache hits not yet folded into this object (Responder.query_counts)."""
+        include the cache hits not yet folded into this object (Responder.query_counts);
+        ``reload_errors``: the source's count (``SourceState.errors``)."""
         queries = self.queries if queries is None else queries
         truncated = self.truncated if truncated is None else truncated
+        reload_errors = self.reload_errors if reload_errors is None else reload_errors
         lines = [
             "# HELP meshdns_queries_total DNS queries answered, by lookup kind, rcode and "
             "transport.",
@@ -68,7 +70,7 @@ class Metrics:
             ("meshdns_catalog_reloads_total", "counter", "Catalog snapshots swapped in."):
                 self.reloads,
             ("meshdns_catalog_reload_errors_total", "counter",
-             "Catalog reloads refused (the last good catalog kept serving)."): self.reload_errors,
+             "Catalog reloads refused (the last good catalog kept serving)."): reload_errors,
             ("meshdns_recursor_failures_total", "counter",
              "Forwarded queries no recursor answered."): self.forward_failures,
             ("meshdns_catalog_generation", "gauge", "Generation of the catalog being served."):

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from itertools import islice
 
 from .catalog.snapshot import Snapshot
+from .catalog.source import EVERYTHING, Change
 from .config import Config
 from .fastpath import address_reply, service_addresses
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
-from .resolve import NOERROR, REFUSED, Answer, Settings, nxdomain, resolve
+from .resolve import NOERROR, REFUSED, SERVFAIL, Answer, Settings, nxdomain, resolve
 from .wire import (
     CLASS_ANY,
     CLASS_IN,
@@ -62,13 +63,17 @@ class Responder:
         self.recursion = bool(config.dns.recursors)
         self.cache_enabled = config.cache.enabled
         self.cache_size = config.cache.size
+        # False while the source has nothing to serve (no data yet, or too stale): questions in
+        # the domain get SERVFAIL, never cached, so the first good snapshot answers at once
+        self.serving = True
         self.udp_cache: dict[bytes, Cached] = {}
         self.tcp_cache: dict[bytes, Cached] = {}
         self._random = random.Random()
 
-    def swap(self, snapshot: Snapshot) -> None:
+    def swap(self, snapshot: Snapshot, change: Change = EVERYTHING) -> None:
         """Serve ``snapshot`` from now on (one assignment; cached replies are dropped).
 
+        ``change`` says what changed; every cached reply is dropped whatever it says, for now.
         The cache dicts are emptied in place: the UDP fast path holds a reference to them."""
         self.snapshot = snapshot
         for cache in (self.udp_cache, self.tcp_cache):
@@ -137,6 +142,9 @@ class Responder:
             metrics.queries[("malformed", _RCODE_NAMES.get(reject.rcode, str(reject.rcode)),
                              transport)] += 1
             return error_reply(reject, self.recursion)
+        if not self.serving and split_domain(question.labels, self.domain_labels) >= 0:
+            metrics.queries[("unavailable", "SERVFAIL", transport)] += 1
+            return plain_reply(question, SERVFAIL, self.recursion)
         addresses = service_addresses(question, self.snapshot, self.settings,
                                       self.primary_labels)
         if addresses is not None:

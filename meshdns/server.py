@@ -1,6 +1,7 @@
-"""Sockets and the event loop: UDP and TCP listeners, recursor forwarding, catalog reloads.
+"""Sockets and the event loop: UDP and TCP listeners, recursor forwarding, snapshot swaps.
 
-Everything DNS is decided by ``Responder``; this module moves bytes and swaps snapshots.
+Everything DNS is decided by ``Responder``; this module moves bytes and swaps in the snapshots
+a catalog source publishes (``catalog/source.py``). It knows nothing of files or HTTP.
 """
 
 from __future__ import annotations
@@ -12,18 +13,14 @@ import os
 import signal
 import socket
 import struct
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
-from .catalog.file import file_signature, load_snapshot
-from .catalog.snapshot import Snapshot, dismantle
+from .catalog.snapshot import Snapshot, dismantle, empty_snapshot
+from .catalog.source import CatalogSource, Change, SourceState
 from .config import Config
-from .errors import ConfigError
 from .metrics import Metrics
+from .offload import in_thread
 from .responder import REBUILD_AFTER, Forward, Responder
 from .wire import plain_reply
 
@@ -32,7 +29,6 @@ log = logging.getLogger("meshdns")
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may sit without a complete query
 TCP_MAX_CONNECTIONS = 1024
 SAMPLE_EVERY = 64  # cache hits between two timed ones (timing every hit costs ~5%)
-CATALOG_SETTLE = 0.1  # seconds a file rewritten in place must stay unchanged before it is read
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
@@ -150,28 +146,43 @@ class TcpProtocol(asyncio.Protocol):
 
 
 class DnsServer:
-    """Listeners on every configured address, a responder, and the catalog reload loop."""
+    """Listeners on every configured address, a responder, and the snapshots a source
+    publishes. Until the first one arrives the responder holds an empty snapshot and answers
+    SERVFAIL in the domain."""
 
-    def __init__(self, config: Config, snapshot: Snapshot, catalog_path: Path | None) -> None:
+    def __init__(self, config: Config, source: CatalogSource) -> None:
         self.config = config
-        self.metrics = Metrics(generation=snapshot.generation, loaded_at=snapshot.loaded_at)
-        self.responder = Responder(config, snapshot, self.metrics)
-        self.catalog_path = catalog_path
+        self.source = source
+        self.metrics = Metrics()
+        self.responder = Responder(config, empty_snapshot(config.datacenter), self.metrics)
+        self.responder.serving = False  # no data yet
         self.transports: list[asyncio.BaseTransport] = []
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: set[TcpProtocol] = set()
         self.bound: list[tuple[str, int]] = []
-        self.last_reload_error: str | None = None
-        self.reload_failing_since: float | None = None  # wall time of the first failed reload
-        self._signature = file_signature(catalog_path) if catalog_path else None
-        self._reloading = False
-        self._stopping = asyncio.Event()
         # tasks in flight (forwards, retiring snapshots): the loop keeps only weak references
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def snapshot(self) -> Snapshot:
         return self.responder.snapshot
+
+    @property
+    def state(self) -> SourceState:
+        """What the source says about itself (``/ready``, ``/v1/catalog``)."""
+        return self.source.state
+
+    def publish(self, snapshot: Snapshot, change: Change) -> None:
+        """The source's ``publish``: serve ``snapshot`` from now on and retire the old one."""
+        old = self.responder.snapshot
+        self.responder.swap(snapshot, change)  # (the source froze it out of the GC's sight)
+        self.responder.serving = self.source.state.serving
+        self.metrics.generation = snapshot.generation
+        self.metrics.loaded_at = snapshot.loaded_at
+        if old is not snapshot:
+            if old.generation:  # not the empty snapshot of the start
+                self.metrics.reloads += 1
+            self._retire(old)
 
     async def start(self, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -229,84 +240,15 @@ class DnsServer:
         self.metrics.forward_failures += 1
         send(plain_reply(question, 2, recursion_available=True))
 
-    # --- catalog reloads -----------------------------------------------------------------
-
-    async def watch_catalog(self) -> None:
-        """Poll the catalog file's identity; reload when it changes. A file replaced atomically
-        is read at once; one rewritten in place must first hold still for ``CATALOG_SETTLE``
-        (meanwhile it is empty or half-written)."""
-        if self.catalog_path is None:
-            return
-        interval = self.config.catalog.poll_interval
-        while not self._stopping.is_set():
-            await asyncio.sleep(interval)
-            signature = file_signature(self.catalog_path)
-            if signature is None or signature == self._signature:
-                continue
-            # A new inode is an atomic replace (rename, a ConfigMap's symlink flip): complete.
-            # The same inode changed is a rewrite in place, which may still be under way.
-            if self._signature is not None and signature[0] == self._signature[0]:
-                await asyncio.sleep(CATALOG_SETTLE)
-                if file_signature(self.catalog_path) != signature:
-                    continue
-            await self.reload("file changed")
-
-    async def reload(self, why: str) -> bool:
-        """Build a new snapshot off the event loop and swap it in; keep the old one on error."""
-        if self.catalog_path is None or self._reloading:
-            return False
-        self._reloading = True
-        path = self.catalog_path
-        try:
-            signature = file_signature(path)
-            started = time.perf_counter()
-            snapshot = await asyncio.to_thread(self._build, path)
-        except ConfigError as exc:
-            self._signature = signature
-            self.metrics.reload_errors += 1
-            self.last_reload_error = str(exc)
-            if self.reload_failing_since is None:
-                self.reload_failing_since = time.time()
-            for problem in exc.problems:
-                log.error("catalog reload refused, still serving generation %d: %s",
-                          self.snapshot.generation, problem)
-            return False
-        finally:
-            self._reloading = False
-        self._signature = signature
-        old = self.snapshot
-        self.responder.swap(snapshot)  # (load_snapshot froze it out of the cyclic GC's sight)
-        self._retire(old)
-        del old
-        self.last_reload_error = None
-        self.reload_failing_since = None
-        self.metrics.reloads += 1
-        self.metrics.generation = snapshot.generation
-        self.metrics.loaded_at = snapshot.loaded_at
-        log.info("catalog reloaded (%s): generation %d, %d nodes, %d instances in %.0f ms",
-                 why, snapshot.generation, snapshot.counts["nodes"],
-                 snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
-        return True
-
     def _retire(self, old: Snapshot) -> None:
         """Free the snapshot just replaced without stalling the event loop (see dismantle)."""
-        self._keep(asyncio.ensure_future(asyncio.to_thread(self._dismantle, old)))
+        self._keep(in_thread(lambda: dismantle(old), "meshdns-retire"))
 
-    @staticmethod
-    def _dismantle(old: Snapshot) -> None:
-        with gil_handed_back():
-            dismantle(old)
-
-    def _build(self, path: Path) -> Snapshot:
-        """Runs in a worker thread, handing the GIL back to the event loop often enough that
-        queries keep flowing while a large catalog loads."""
-        with gil_handed_back():
-            return load_snapshot(path, local_datacenter=self.config.datacenter,
-                                 vip_range=self.config.virtual_ip_range,
-                                 previous=self.snapshot, yielding=True)
+    async def hangup(self) -> None:
+        """SIGHUP: read the catalog again."""
+        await self.source.reload("SIGHUP")
 
     async def stop(self) -> None:
-        self._stopping.set()
         for transport in self.transports:
             transport.close()
         for srv in self.tcp_servers:
@@ -349,31 +291,6 @@ async def _exchange(data: bytes, host: str, port: int, tcp: bool) -> bytes:
         transport.close()
 
 
-_gil_lock = threading.Lock()
-_gil_users = 0
-_gil_interval = 0.005
-
-
-@contextmanager
-def gil_handed_back(interval: float = 0.0005) -> Iterator[None]:
-    """While a worker thread does long Python work (a reload, freeing a snapshot), make the
-    interpreter switch threads every ``interval`` so the event loop waits at most that long
-    for the GIL. Counted, so overlapping users restore the original setting only once."""
-    global _gil_users, _gil_interval
-    with _gil_lock:
-        if _gil_users == 0:
-            _gil_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(_gil_interval, interval))
-        _gil_users += 1
-    try:
-        yield
-    finally:
-        with _gil_lock:
-            _gil_users -= 1
-            if _gil_users == 0:
-                sys.setswitchinterval(_gil_interval)
-
-
 async def freeze_survivors(interval: float = 1.0) -> None:
     """Every second, move what survived (cached replies, mostly) out of the cyclic
     collector's sight, so each collection walks only the last second's objects. They are
@@ -392,13 +309,18 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
-async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
+async def run(config: Config, source: CatalogSource,
               ready: Callable[[DnsServer], None] | None = None, reuse_port: bool = False,
               admin: bool = True) -> int:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads the catalog."""
-    server = DnsServer(config, snapshot, catalog_path)
+    """Serve what ``source`` publishes until SIGTERM/SIGINT; SIGHUP reloads the catalog."""
+    server = DnsServer(config, source)
+    # Started before the listeners open: a source with data at hand (a file read at start-up)
+    # publishes it before its first await, so the first query already finds it.
+    follower = asyncio.ensure_future(source.run(server.publish))
+    follower.add_done_callback(_source_ended)
+    await asyncio.sleep(0)
     gc.collect()
-    gc.freeze()  # see DnsServer.reload
+    gc.freeze()  # what start-up built lives as long as the process
     # Answers, replies and cache entries are freed by reference counting (they form no cycles).
     # The cyclic collector every 700 allocations cost ~15% of a cache miss; every 70,000 it
     # paused the loop ~10 ms each time (bench/run.py cold: p99 18 ms). So: every 10,000, and
@@ -409,8 +331,8 @@ async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP,
-                            lambda: asyncio.ensure_future(server.reload("SIGHUP")))
+    loop.add_signal_handler(signal.SIGHUP, lambda: server._keep(
+        asyncio.ensure_future(server.hangup())))
     admin_runner = None
     if admin and config.admin.listen:
         from .admin import start_admin
@@ -421,17 +343,21 @@ async def run(config: Config, snapshot: Snapshot, catalog_path: Path | None,
         log.info("serving DNS on %s:%d (udp, tcp), pid %d", shown, port, os.getpid())
     if ready:
         ready(server)
-    watcher = asyncio.ensure_future(server.watch_catalog())
     freezer = asyncio.ensure_future(freeze_survivors())
     await stop.wait()
     log.info("stopping: draining TCP connections")
-    watcher.cancel()
+    follower.cancel()
     freezer.cancel()
     await server.stop()
     if admin_runner is not None:
         await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _source_ended(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("catalog source stopped: %s (serving its last snapshot)", task.exception())
 
 
 __all__ = ["DnsServer", "install_uvloop", "run"]

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .catalog.snapshot import Snapshot
+from .catalog.source import CatalogSource
 from .config import Config
 from .server import DnsServer, install_uvloop, run
 
@@ -60,7 +60,7 @@ class Supervisor:
         return subprocess.Popen(self.command, env=env)
 
     def _hup(self, server: DnsServer) -> None:
-        asyncio.ensure_future(server.reload("SIGHUP"))
+        asyncio.ensure_future(server.hangup())
         for child in self.children:
             child.send_signal(signal.SIGHUP)
 
@@ -85,13 +85,13 @@ class Supervisor:
                 child.kill()
 
 
-def serve_workers(config: Config, snapshot: Snapshot, catalog: Path,
+def serve_workers(config: Config, source: CatalogSource,
                   config_file: str | None = None) -> int:
-    """Run the first worker here (on the snapshot already loaded) and supervise the others."""
+    """Run the first worker here (on the source already loaded) and supervise the others."""
     install_uvloop()
+    catalog: Path = source.path  # type: ignore[attr-defined]  # file sources only, for now
     supervisor = Supervisor(config, catalog, config_file)
     try:
-        return asyncio.run(run(config, snapshot, catalog, ready=supervisor.start,
-                               reuse_port=True))
+        return asyncio.run(run(config, source, ready=supervisor.start, reuse_port=True))
     finally:
         supervisor.stop()

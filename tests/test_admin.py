@@ -25,6 +25,7 @@ from conftest import MeshdnsProcess, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshdns.admin import make_app
+from meshdns.catalog.source import SourceState
 from meshdns.config import Config
 
 BIG = 40
@@ -324,8 +325,10 @@ class _Server:
         self.snapshot = _Snapshot()
         self.snapshot.loaded_at = time.time() - loaded_ago
         self.bound = [("127.0.0.1", 53)]
-        self.last_reload_error = None if failing_for is None else "catalog.yaml:3: nodes: bad"
-        self.reload_failing_since = None if failing_for is None else time.time() - failing_for
+        self.state = SourceState(
+            "file", ready=True,
+            last_error=None if failing_for is None else "catalog.yaml:3: nodes: bad",
+            failing_since=None if failing_for is None else time.time() - failing_for)
 
 
 @pytest.mark.parametrize(("loaded_ago", "failing_for", "limit", "status"), [

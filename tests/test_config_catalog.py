@@ -118,7 +118,13 @@ def test_good_catalog_in_code() -> None:
 
 
 def test_empty_catalog(tmp_path: Path) -> None:
-    snap = load(write(tmp_path / "empty.yaml", "# nothing yet\n"))
+    # an empty or comments-only document is a mistake (a templater that wrote nothing)...
+    for name, text in (("empty.yaml", ""), ("comments.yaml", "# nothing yet\n")):
+        with pytest.raises(ConfigError, match=r"empty\.yaml:1: \(top level\): the document "
+                           r"is empty|comments\.yaml:1: \(top level\): the document is empty"):
+            load(write(tmp_path / name, text))
+    # ...an explicitly empty catalog is not
+    snap = load(write(tmp_path / "none.yaml", "nodes: []\n"))
     assert dict(snap.counts) == {"nodes": 0, "instances": 0, "services": 0, "virtual_ips": 0,
                                  "prepared_queries": 0}
 

@@ -343,6 +343,20 @@ def build_snapshot(
     return snapshot
 
 
+def empty_snapshot(local_datacenter: str) -> Snapshot:
+    """What the server holds before a source has published anything (generation 0): every
+    index empty. The responder answers SERVFAIL in the domain meanwhile (``serving``)."""
+    dc = local_datacenter.lower()
+    return Snapshot(
+        local_datacenter=dc, services={}, connect={}, ingress={}, nodes={}, vips={},
+        datacenters=frozenset({dc}), peers=frozenset(), partitions=frozenset({"default"}),
+        failover={}, sameness_groups={}, default_sameness={}, prepared_queries={}, rtt={},
+        ptr={}, generation=0, serial=0, loaded_at=0.0,
+        counts={"nodes": 0, "instances": 0, "services": 0, "virtual_ips": 0,
+                "prepared_queries": 0},
+    )
+
+
 def dismantle(snapshot: Snapshot) -> None:
     """Free a snapshot that is no longer served, one entry at a time.
 
@@ -469,5 +483,5 @@ def pack_address(address: str | None) -> bytes:
 
 __all__ = [
     "CatalogProblems", "Instance", "InstanceSet", "NodeRecord", "Snapshot",
-    "build_snapshot", "dismantle", "node_labels", "pack_address",
+    "build_snapshot", "dismantle", "empty_snapshot", "node_labels", "pack_address",
 ]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +33,9 @@ class Change:
 
 EVERYTHING = Change(everything=True)
 
-#: Called by a source, on the event loop, for every new snapshot worth serving.
+#: Called by a source, on the event loop, for every new snapshot worth serving. A source whose
+#: ``state.serving`` flips (first data, ``max_stale`` passed) publishes again, the same snapshot
+#: will do, with ``EVERYTHING``: the server reads ``serving`` there and drops cached answers.
 Publish = Callable[[Snapshot, Change], None]
 
 
@@ -45,6 +50,14 @@ class SourceState:
     failing_since: float | None = None  # wall time of the first failure since the last success
     last_success: float | None = None  # wall time of the last good read
     detail: dict[str, Any] = field(default_factory=dict)  # JSON-able, source-specific
+    errors: int = 0  # updates refused or reads failed (meshdns_catalog_reload_errors_total)
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``/v1/catalog`` shows under ``state``."""
+        return {"kind": self.kind, "ready": self.ready, "serving": self.serving,
+                "last_error": self.last_error, "failing_since": self.failing_since,
+                "last_success": self.last_success, "errors": self.errors,
+                "detail": self.detail}
 
 
 class CatalogSource(Protocol):
@@ -60,6 +73,10 @@ class CatalogSource(Protocol):
 
     async def reload(self, why: str) -> None:
         """Re-read now (SIGHUP)."""
+
+    def reconfigure(self, config: Config) -> list[str]:
+        """Take a re-read server config (SIGHUP, before ``reload``): apply what this source can
+        change live; return the settings that need a restart to take effect (logged)."""
 
 
 __all__ = ["EVERYTHING", "CatalogSource", "Change", "Publish", "SourceState"]
