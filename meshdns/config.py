@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .documents import read_document, validate
@@ -161,11 +162,87 @@ class DnsSettings(_Model):
         return [parse_hostport(r, 53) for r in self.recursors]
 
 
+_FOLLOW_NAME = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_-]{0,62})$")
+
+
 class ConsulSource(_Model):
-    address: str = "http://127.0.0.1:8500"
-    token: str | None = None
-    token_file: str | None = None
-    datacenter: str | None = None
+    """``catalog.consul``: follow a Consul cluster over its HTTP API (``catalog/consul/``)."""
+
+    address: str  # http://host:port, https://host:port or unix:///path/to/consul.sock
+    token: str | None = None  # sent as X-Consul-Token, never in the URL
+    token_file: str | None = None  # re-read when it changes (a rotated Kubernetes Secret)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_server_name: str | None = None
+    datacenter: str | None = None  # default: what the agent says it is
+    partitions: list[str] = Field(default_factory=lambda: ["default"])
+    namespaces: list[str] = Field(default_factory=lambda: ["default"])
+    peers: list[str] = Field(default_factory=lambda: ["*"])
+    datacenters: list[str] = Field(default_factory=lambda: ["*"])
+    stale: bool = True
+    max_stale: Duration | None = None  # None: serve the last data however old (as Consul)
+    wait: Duration = 300.0
+    max_requests: int = Field(64, ge=1, le=1024)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("unix://"):
+            if not value[len("unix://"):].startswith("/"):
+                raise ValueError("unix:// needs an absolute socket path: unix:///path/consul.sock")
+            return value
+        match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?/?", value)
+        if not match:
+            raise ValueError(f"{value!r}: expected http://host:port, https://host:port or "
+                             "unix:///path/to/consul.sock")
+        if match.group(3) and int(match.group(3)[1:]) > 65535:
+            raise ValueError(f"{value!r}: port must be 0-65535")
+        return value.rstrip("/")
+
+    @field_validator("partitions", "namespaces", "peers", "datacenters")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _FOLLOW_NAME.match(name):
+                raise ValueError(f"{name!r}: expected a name or '*'")
+        return [name.lower() for name in value]
+
+    @field_validator("datacenter")
+    @classmethod
+    def _dc(cls, value: str | None) -> str | None:
+        if value is not None and (value == "*" or not _FOLLOW_NAME.match(value)):
+            raise ValueError(f"{value!r}: expected a datacenter name")
+        return value.lower() if value else value
+
+    @field_validator("wait")
+    @classmethod
+    def _wait(cls, value: float) -> float:
+        if not 1.0 <= value <= 600.0:
+            raise ValueError("must be between 1s and 10m (Consul caps blocking waits at 10m)")
+        return value
+
+    @field_validator("tls_server_name")
+    @classmethod
+    def _sni(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", value):
+            raise ValueError(f"{value!r} is not a host name")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ConsulSource:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mTLS)")
+        if self.address.startswith("unix://") and (self.ca_file or self.cert_file):
+            raise ValueError("TLS files are for https:// addresses, not unix://")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.address.startswith("https://")
 
 
 class CatalogSettings(_Model):
@@ -180,6 +257,12 @@ class CatalogSettings(_Model):
     max_parse_time: Duration = Field(60.0, gt=0)
     # A reload that would remove more than this share of the instances is refused; 1.0: off.
     max_drop: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CatalogSettings:
+        if self.file is not None and self.consul is not None:
+            raise ValueError("catalog: set either file or consul, not both")
+        return self
 
 
 class AdminSettings(_Model):
@@ -273,6 +356,11 @@ class Config(_Model):
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(item, 8600) for item in self.listen]
+
+    def config_path(self, value: str) -> Path:
+        """A path from this config, relative to the config file's folder."""
+        path = Path(value)
+        return path if path.is_absolute() else Path(self.base_dir) / path
 
     def catalog_path(self) -> Path | None:
         if self.catalog.file is None:
