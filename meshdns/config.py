@@ -1,6 +1,8 @@
 """The server config (``config.yaml``): pydantic models with every default in one place.
 
-Names follow Consul's ``dns_config`` where one exists (see ``shared/spec/catalog.md``).
+Names follow Consul's ``dns_config`` where one exists. Every field has a ``description`` (and
+``x-consul``, what it mirrors in Consul): ``python -m meshdns.docs`` turns them into
+``docs/reference.md`` and the JSON Schemas, and a test fails when those are stale.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -74,7 +77,16 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 1e-9:g}ns"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# In the JSON Schema: what users write (a number of seconds, or a Go duration string).
+DURATION_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0},
+    {"type": "string", "pattern": rf"^\s*(?:{_BARE.pattern}|(?:{_PART.pattern}\s*)+)$"}]}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(DURATION_SCHEMA)]
+
+
+def consul(name: str) -> dict[str, Any]:
+    """What a field mirrors in Consul, for the generated reference (``docs/``)."""
+    return {"x-consul": name}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
@@ -123,25 +135,55 @@ class _Model(BaseModel):
 
 
 class SoaSettings(_Model):
-    refresh: int = Field(3600, ge=0, le=2**31 - 1)
-    retry: int = Field(600, ge=0, le=2**31 - 1)
-    expire: int = Field(86400, ge=0, le=2**31 - 1)
-    min_ttl: int = Field(0, ge=0, le=2**31 - 1)
+    refresh: int = Field(3600, ge=0, le=2**31 - 1, description="SOA refresh, in seconds.",
+                         json_schema_extra=consul("dns_config.soa.refresh"))
+    retry: int = Field(600, ge=0, le=2**31 - 1, json_schema_extra=consul("dns_config.soa.retry"),
+                       description="SOA retry, in seconds.")
+    expire: int = Field(86400, ge=0, le=2**31 - 1, description="SOA expire, in seconds.",
+                        json_schema_extra=consul("dns_config.soa.expire"))
+    min_ttl: int = Field(0, ge=0, le=2**31 - 1, json_schema_extra=consul("dns_config.soa.min_ttl"),
+                         description="SOA minimum: how long resolvers cache NXDOMAIN and NODATA "
+                         "answers, in seconds.")
 
 
 class DnsSettings(_Model):
-    node_ttl: Duration = 0.0
-    service_ttl: dict[str, Duration] = Field(default_factory=lambda: {"*": 0.0})
-    only_passing: bool = False
-    udp_answer_limit: int = Field(3, ge=1)
-    a_record_limit: int = Field(0, ge=0)
-    enable_truncate: bool = False
-    enable_additional_node_meta_txt: bool = True
-    translate_wan_addrs: bool = False
-    soa: SoaSettings = SoaSettings()
-    recursors: list[str] = Field(default_factory=list)
+    node_ttl: Duration = Field(0.0, json_schema_extra=consul("dns_config.node_ttl"),
+                               description="TTL of node answers (and of virtual IPs, as in "
+                               "Consul).")
+    service_ttl: dict[str, Duration] = Field(
+        default_factory=lambda: {"*": 0.0}, json_schema_extra=consul("dns_config.service_ttl"),
+        description="TTL of service answers, by service name: exact names, prefixes such as "
+        "`db*`, and `*`; the longest match wins.")
+    only_passing: bool = Field(False, json_schema_extra=consul("dns_config.only_passing"),
+                               description="Leave out instances in `warning` too (`critical` and "
+                               "`maintenance` ones are always left out).")
+    udp_answer_limit: int = Field(3, ge=1, json_schema_extra=consul("dns_config.udp_answer_limit"),
+                                  description="Answers in a UDP reply to a query without EDNS.")
+    a_record_limit: int = Field(0, ge=0, json_schema_extra=consul("dns_config.a_record_limit"),
+                                description="At most this many A/AAAA answers on every "
+                                "transport, a different subset each time; 0: no limit.")
+    enable_truncate: bool = Field(False, json_schema_extra=consul("dns_config.enable_truncate"),
+                                  description="Set TC on UDP replies trimmed to "
+                                  "`udp_answer_limit`, so clients retry over TCP.")
+    enable_additional_node_meta_txt: bool = Field(
+        True, json_schema_extra=consul("dns_config.enable_additional_node_meta_txt"),
+        description="Add the node's meta as TXT records in the additional section of SRV and "
+        "node answers.")
+    translate_wan_addrs: bool = Field(
+        False, json_schema_extra=consul("translate_wan_addrs"),
+        description="Answers about other datacenters use their nodes' and services' `wan` "
+        "tagged addresses.")
+    soa: SoaSettings = Field(SoaSettings(), json_schema_extra=consul("dns_config.soa"),
+                             description="The SOA record of the domain (also in the authority "
+                             "section of negative answers).")
+    recursors: list[str] = Field(default_factory=list, json_schema_extra=consul("recursors"),
+                                 description="`IP` or `IP:port` (port 53 when omitted) of "
+                                 "resolvers for names outside the domain, asked in turn; empty: "
+                                 "such names are REFUSED.")
     recursor_timeout: Annotated[Duration, AfterValidator(
-        at_least(0.001, "a recursor cannot answer in no time"))] = 2.0
+        at_least(0.001, "a recursor cannot answer in no time"))] = Field(
+        2.0, json_schema_extra=consul("dns_config.recursor_timeout"),
+        description="How long to wait for each recursor before trying the next.")
 
     @field_validator("recursors")
     @classmethod
@@ -168,22 +210,47 @@ _FOLLOW_NAME = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_-]{0,62})$")
 class ConsulSource(_Model):
     """``catalog.consul``: follow a Consul cluster over its HTTP API (``catalog/consul/``)."""
 
-    address: str  # http://host:port, https://host:port or unix:///path/to/consul.sock
-    token: str | None = None  # sent as X-Consul-Token, never in the URL
-    token_file: str | None = None  # re-read when it changes (a rotated Kubernetes Secret)
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    tls_server_name: str | None = None
-    datacenter: str | None = None  # default: what the agent says it is
-    partitions: list[str] = Field(default_factory=lambda: ["default"])
-    namespaces: list[str] = Field(default_factory=lambda: ["default"])
-    peers: list[str] = Field(default_factory=lambda: ["*"])
-    datacenters: list[str] = Field(default_factory=lambda: ["*"])
-    stale: bool = True
-    max_stale: Duration | None = None  # None: serve the last data however old (as Consul)
-    wait: Duration = 300.0
-    max_requests: int = Field(64, ge=1, le=1024)
+    address: str = Field(description="`http://host:port`, `https://host:port` or "
+                         "`unix:///path/to/consul.sock`: the agent's HTTP API.",
+                         json_schema_extra=consul("CONSUL_HTTP_ADDR"))
+    token: str | None = Field(None, description="ACL token, sent as `X-Consul-Token` (never in "
+                              "the URL).", json_schema_extra=consul("CONSUL_HTTP_TOKEN"))
+    token_file: str | None = Field(None, description="Read the token from this file, and again "
+                                   "when it changes (a rotated Kubernetes Secret).",
+                                   json_schema_extra=consul("CONSUL_HTTP_TOKEN_FILE"))
+    ca_file: str | None = Field(None, description="TLS: CA bundle to verify Consul's "
+                                "certificate.", json_schema_extra=consul("CONSUL_CACERT"))
+    cert_file: str | None = Field(None, description="TLS client certificate (mTLS), with "
+                                  "`key_file`.", json_schema_extra=consul("CONSUL_CLIENT_CERT"))
+    key_file: str | None = Field(None, description="TLS client key (mTLS), with `cert_file`.",
+                                 json_schema_extra=consul("CONSUL_CLIENT_KEY"))
+    tls_server_name: str | None = Field(None, description="SNI and name to verify, when it "
+                                        "differs from the address.",
+                                        json_schema_extra=consul("CONSUL_TLS_SERVER_NAME"))
+    datacenter: str | None = Field(None, description="The local datacenter; default: what the "
+                                   "agent says it is.", json_schema_extra=consul("datacenter"))
+    partitions: list[str] = Field(default_factory=lambda: ["default"], description="Admin "
+                                  "partitions to follow; `*`: every one the token can list.",
+                                  json_schema_extra=consul("admin partitions"))
+    namespaces: list[str] = Field(default_factory=lambda: ["default"], description="Namespaces "
+                                  "in each partition; `*`: all.",
+                                  json_schema_extra=consul("namespaces"))
+    peers: list[str] = Field(default_factory=lambda: ["*"], description="Cluster peers whose "
+                             "imported services to follow; `[]`: none.",
+                             json_schema_extra=consul("cluster peering"))
+    datacenters: list[str] = Field(default_factory=lambda: ["*"], description="WAN-federated "
+                                   "datacenters to follow; `[]`: only the local one.",
+                                   json_schema_extra=consul("WAN federation"))
+    stale: bool = Field(True, description="`?stale` reads (any server answers), as Consul's "
+                        "DNS does.", json_schema_extra=consul("dns_config.allow_stale"))
+    max_stale: Duration | None = Field(None, description="After Consul has been unreachable "
+                                       "this long, answer SERVFAIL; null: serve the last data "
+                                       "however old (as Consul).",
+                                       json_schema_extra=consul("dns_config.max_stale"))
+    wait: Duration = Field(300.0, description="Blocking-query wait (1s to 10m).",
+                           json_schema_extra=consul("?wait"))
+    max_requests: int = Field(64, ge=1, le=1024, description="Concurrent HTTP requests to "
+                              "Consul, whatever the catalog size.")
 
     @field_validator("address")
     @classmethod
@@ -246,17 +313,22 @@ class ConsulSource(_Model):
 
 
 class CatalogSettings(_Model):
-    file: str | None = None
-    consul: ConsulSource | None = None
+    file: str | None = Field(None, description="The catalog file (YAML, or JSON for large "
+                             "catalogs), relative to this config file; reloaded when it changes "
+                             "and on SIGHUP. A config must name a catalog (or `consul`).")
+    consul: ConsulSource | None = Field(None, description="Follow a Consul cluster instead of a "
+                                        "file.")
     poll_interval: Annotated[Duration, AfterValidator(
-        at_least(0.005, "a shorter interval polls the file in a busy loop"))] = 0.025
-    # A larger file is refused unread. Parsing costs ~10x the file's size in memory for JSON
-    # and far more for YAML: the default keeps a reload inside the shipped 256 MiB pod.
-    max_size: ByteSize = Field(16 * 1024**2, ge=1)
-    # A reload still parsing after this long is abandoned (the last good catalog stays).
-    max_parse_time: Duration = Field(60.0, gt=0)
-    # A reload that would remove more than this share of the instances is refused; 1.0: off.
-    max_drop: float = Field(0.5, ge=0.0, le=1.0)
+        at_least(0.005, "a shorter interval polls the file in a busy loop"))] = Field(
+        0.025, description="How often the catalog file is checked for a change (at least 5ms).")
+    # Parsing costs ~10x the file's size in memory for JSON and far more for YAML: the default
+    # keeps a reload inside the shipped 256 MiB pod.
+    max_size: ByteSize = Field(16 * 1024**2, ge=1, description="A larger catalog file is "
+                               "refused unread (bytes, or `16MiB`, `1GB`, ...).")
+    max_parse_time: Duration = Field(60.0, gt=0, description="A reload still parsing after "
+                                     "this long is abandoned (the last good catalog stays).")
+    max_drop: float = Field(0.5, ge=0.0, le=1.0, description="A reload that would remove more "
+                            "than this share of the instances is refused; 1.0: off.")
 
     @model_validator(mode="after")
     def _one_source(self) -> CatalogSettings:
@@ -266,11 +338,14 @@ class CatalogSettings(_Model):
 
 
 class AdminSettings(_Model):
-    listen: str | None = "127.0.0.1:8601"  # null disables the admin endpoint
-    # /ready turns 503 once catalog reloads have failed for this long; null: never. Off by
-    # default: every replica reads the same ConfigMap, so a bad edit would take them all out
-    # of the Service at once, while each still serves its last good catalog.
-    ready_max_reload_failure: Duration | None = None
+    listen: str | None = Field("127.0.0.1:8601", json_schema_extra=consul("addresses.http"),
+                               description="`HOST:PORT` of the admin HTTP endpoint (`/health`, "
+                               "`/ready`, `/metrics`, `/v1/catalog`); null turns it off.")
+    # Off by default: every replica reads the same ConfigMap, so a bad edit would take them all
+    # out of the Service at once, while each still serves its last good catalog.
+    ready_max_reload_failure: Duration | None = Field(
+        None, description="`/ready` answers 503 once catalog reloads have failed for this long; "
+        "null: never.")
 
     @field_validator("listen")
     @classmethod
@@ -281,24 +356,44 @@ class AdminSettings(_Model):
 
 
 class CacheSettings(_Model):
-    enabled: bool = True
-    size: int = Field(100_000, ge=1)  # cached responses, per transport
+    enabled: bool = Field(True, description="Cache replies on the packet path (emptied "
+                          "whenever a new catalog is swapped in).")
+    size: int = Field(100_000, ge=1, description="Cached replies, per transport.")
 
 
 class Config(_Model):
-    domain: str = "consul"
-    alt_domain: str | None = None
-    datacenter: str = "dc1"
-    partition: str = "default"
-    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8600"], min_length=1)
-    advertise: str | None = None
-    catalog: CatalogSettings = CatalogSettings()
-    virtual_ip_range: str = "240.0.0.0/4"
-    dns: DnsSettings = DnsSettings()
-    admin: AdminSettings = AdminSettings()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    workers: int = Field(1, ge=1, le=64)
-    cache: CacheSettings = CacheSettings()
+    domain: str = Field("consul", json_schema_extra=consul("domain"),
+                        description="The DNS domain answered.")
+    alt_domain: str | None = Field(None, json_schema_extra=consul("alt_domain"),
+                                   description="A second domain answered exactly like `domain` "
+                                   "(e.g. `mesh.internal`).")
+    datacenter: str = Field("dc1", json_schema_extra=consul("datacenter"),
+                            description="The local datacenter: names without a datacenter mean "
+                            "this one.")
+    partition: str = Field("default", json_schema_extra=consul("partition"),
+                           description="The local admin partition.")
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8600"], min_length=1,
+                              json_schema_extra=consul("addresses.dns, ports.dns"),
+                              description="`HOST:PORT` addresses, each served over UDP and TCP; "
+                              "port 0 picks a free port (the bound one is logged).")
+    advertise: str | None = Field(None, json_schema_extra=consul("advertise_addr"),
+                                  description="Address of `ns.<domain>` (the NS glue); default: "
+                                  "the first listen address.")
+    catalog: CatalogSettings = Field(CatalogSettings(),
+                                     description="Where the catalog comes from.")
+    virtual_ip_range: str = Field("240.0.0.0/4", json_schema_extra=consul("virtual IPs "
+                                  "(240.0.0.0/4)"),
+                                  description="IPv4 network where virtual IPs without a fixed "
+                                  "address are allocated.")
+    dns: DnsSettings = Field(DnsSettings(), json_schema_extra=consul("dns_config"),
+                             description="How answers are built.")
+    admin: AdminSettings = Field(AdminSettings(), description="The admin HTTP endpoint.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", json_schema_extra=consul("log_level"),
+        description="JSON log lines on stderr at this level and above.")
+    workers: int = Field(1, ge=1, le=64, description="Processes serving the same port "
+                         "(SO_REUSEPORT); the first supervises the others.")
+    cache: CacheSettings = Field(CacheSettings(), description="The response cache.")
     # Where relative paths in this config are resolved from (the config file's folder).
     base_dir: str = Field(".", exclude=True)
 

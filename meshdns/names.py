@@ -1,4 +1,4 @@
-"""The query-name grammar (``shared/spec/names.md``): a name in, a ``Query`` out. No I/O.
+"""The query-name grammar: a name in, a ``Query`` out. No I/O.
 
 The kind of lookup is decided by the right-most keyword label; labels to its right are
 ``<value>.<key>`` locality pairs or one bare label (a datacenter, or a peer for ``.virtual``).

@@ -1,4 +1,4 @@
-"""The query-name grammar of ``shared/spec/names.md``: names in, ``Query`` values out.
+"""The query-name grammar of the README ("Every lookup form"): names in, ``Query`` values out.
 
 Every row of the lookup table has a case here, plus every form the spec calls invalid. The
 names are given as the text left of the domain; ``parse`` receives them as lowercase labels.

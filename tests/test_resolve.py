@@ -1,4 +1,4 @@
-"""The resolver of ``shared/spec/names.md`` ("What each lookup answers"), without sockets.
+"""The resolver ("What each lookup answers" in the README), without sockets.
 
 Catalogs are built in code, indexed with ``build_snapshot`` and asked through ``parse`` and
 ``resolve``; every test asserts the exact records (owner, type, TTL, data) and the rcode.

@@ -1,4 +1,5 @@
-"""The catalog file's models (``shared/spec/catalog.md``): what users write, validated.
+"""The catalog file's models: what users write, validated (reference: ``docs/reference.md``,
+generated from the ``description`` of each field by ``python -m meshdns.docs``).
 
 These are the public shape of the file; ``catalog.snapshot`` turns a validated ``Catalog`` into
 the indexed, immutable structure that queries read.
@@ -17,11 +18,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from ..config import Duration
+from ..config import Duration, consul
 
 Health = Literal["passing", "warning", "critical", "maintenance"]
 Kind = Literal[
@@ -59,8 +61,8 @@ class _Model(BaseModel):
 
 
 class TaggedAddress(_Model):
-    address: Address
-    port: int | None = Field(None, ge=0, le=65535)
+    address: Address = Field(description="IP address or hostname.")
+    port: int | None = Field(None, ge=0, le=65535, description="Port, where it differs.")
 
 
 def _tagged(value: object) -> object:
@@ -69,7 +71,13 @@ def _tagged(value: object) -> object:
     return value
 
 
-TaggedAddresses = Annotated[dict[str, TaggedAddress], BeforeValidator(_tagged)]
+TaggedAddresses = Annotated[dict[str, TaggedAddress], BeforeValidator(_tagged), WithJsonSchema({
+    "type": "object", "additionalProperties": {"anyOf": [
+        {"type": "string"},
+        {"type": "object", "required": ["address"], "additionalProperties": False,
+         "properties": {"address": {"type": "string"},
+                        "port": {"type": ["integer", "null"], "minimum": 0, "maximum": 65535}}},
+    ]}})]
 
 
 def _meta(value: object) -> object:
@@ -83,18 +91,29 @@ def _meta(value: object) -> object:
     return value
 
 
-Meta = Annotated[dict[str, str], BeforeValidator(_meta)]
+Meta = Annotated[dict[str, str], BeforeValidator(_meta), WithJsonSchema(
+    {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}})]
 
 
 class Node(_Model):
-    name: NodeName
-    address: Address
-    datacenter: Name | None = None
-    partition: Name = "default"
-    peer: Name | None = None
-    health: Health = "passing"
-    meta: Meta = Field(default_factory=dict)
-    tagged_addresses: TaggedAddresses = Field(default_factory=dict)
+    name: NodeName = Field(description="Unique per datacenter (or peer) and partition.",
+                           json_schema_extra=consul("Node"))
+    address: Address = Field(description="IPv4, IPv6 or hostname.",
+                             json_schema_extra=consul("Address"))
+    datacenter: Name | None = Field(None, description="Default: the server's datacenter.",
+                                    json_schema_extra=consul("Datacenter"))
+    partition: Name = Field("default", description="Admin partition.",
+                            json_schema_extra=consul("Partition"))
+    peer: Name | None = Field(None, description="Set for nodes imported from a cluster peer "
+                              "(then no datacenter).", json_schema_extra=consul("PeerName"))
+    health: Health = Field("passing", description="The node's health: instances on a "
+                           "`critical` or `maintenance` node are never answered.",
+                           json_schema_extra=consul("serfHealth / node maintenance checks"))
+    meta: Meta = Field(default_factory=dict, description="Answered as TXT `key=value` "
+                       "records.", json_schema_extra=consul("Meta"))
+    tagged_addresses: TaggedAddresses = Field(
+        default_factory=dict, description="Other addresses by tag (`wan`, `lan_ipv4`, ...); "
+        "a bare address or `{address, port}`.", json_schema_extra=consul("TaggedAddresses"))
 
     @model_validator(mode="after")
     def _peer_or_dc(self) -> Node:
@@ -104,32 +123,56 @@ class Node(_Model):
 
 
 class Weights(_Model):
-    passing: int = Field(1, ge=0, le=65535)
-    warning: int = Field(1, ge=0, le=65535)
+    passing: int = Field(1, ge=0, le=65535, description="SRV weight while passing.",
+                         json_schema_extra=consul("Weights.Passing"))
+    warning: int = Field(1, ge=0, le=65535, description="SRV weight while in warning.",
+                         json_schema_extra=consul("Weights.Warning"))
 
 
 class Service(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
-    name: Name
-    id: str | None = None
-    node: NodeName
-    namespace: Name = "default"
+    name: Name = Field(description="The service name, as in `<name>.service.consul`.",
+                       json_schema_extra=consul("Service"))
+    id: str | None = Field(None, description="Instance ID, unique per node; default: the name.",
+                           json_schema_extra=consul("ID"))
+    node: NodeName = Field(description="The node it runs on (a node of the catalog).",
+                           json_schema_extra=consul("Node"))
+    namespace: Name = Field("default", description="Namespace.",
+                            json_schema_extra=consul("Namespace"))
     # Where the node is, when its name alone is ambiguous (the same name in two localities).
-    datacenter: Name | None = None
-    partition: Name | None = None
-    peer: Name | None = None
-    address: Address | None = None
-    port: int = Field(0, ge=0, le=65535)
-    tags: list[str] = Field(default_factory=list)
-    meta: Meta = Field(default_factory=dict)
-    health: Health = "passing"
-    weights: Weights = Weights()
-    kind: Kind = "typical"
-    destination: Name | None = None
-    connect_native: bool = False
-    ingress: list[Name] = Field(default_factory=list)
-    tagged_addresses: TaggedAddresses = Field(default_factory=dict)
+    datacenter: Name | None = Field(None, description="The node's datacenter, when its name "
+                                    "alone is ambiguous.", json_schema_extra=consul("Datacenter"))
+    partition: Name | None = Field(None, description="The node's partition, when its name "
+                                   "alone is ambiguous.", json_schema_extra=consul("Partition"))
+    peer: Name | None = Field(None, description="The node's cluster peer, when its name alone "
+                              "is ambiguous.", json_schema_extra=consul("PeerName"))
+    address: Address | None = Field(None, description="Default: the node's address; may be a "
+                                    "hostname.", json_schema_extra=consul("ServiceAddress"))
+    port: int = Field(0, ge=0, le=65535, description="Port in SRV answers.",
+                      json_schema_extra=consul("ServicePort"))
+    tags: list[str] = Field(default_factory=list, description="Tags, as in "
+                            "`<tag>.<name>.service.consul`.", json_schema_extra=consul("Tags"))
+    meta: Meta = Field(default_factory=dict, description="Service meta (answered as TXT "
+                       "records).", json_schema_extra=consul("ServiceMeta"))
+    health: Health = Field("passing", description="The instance's aggregated check status.",
+                           json_schema_extra=consul("health checks (aggregated status)"))
+    weights: Weights = Field(Weights(), description="SRV weights by health.",
+                             json_schema_extra=consul("Weights"))
+    kind: Kind = Field("typical", description="What the instance is (answers of "
+                       "`.connect` and `.ingress` lookups come from proxies and gateways).",
+                       json_schema_extra=consul("Kind"))
+    destination: Name | None = Field(None, description="connect-proxy: the service it fronts.",
+                                     json_schema_extra=consul("Proxy.DestinationServiceName"))
+    connect_native: bool = Field(False, description="The service speaks Connect itself "
+                                 "(answered by `.connect` lookups).",
+                                 json_schema_extra=consul("Connect.Native"))
+    ingress: list[Name] = Field(default_factory=list, description="ingress-gateway: the "
+                                "services it exposes.",
+                                json_schema_extra=consul("ingress-gateway config entry"))
+    tagged_addresses: TaggedAddresses = Field(
+        default_factory=dict, description="Other addresses by tag (`wan`, `lan_ipv4`, ...).",
+        json_schema_extra=consul("TaggedAddresses"))
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Service:
@@ -145,11 +188,13 @@ class Service(_Model):
 
 
 class VirtualIP(_Model):
-    service: Name
-    namespace: Name = "default"
-    partition: Name = "default"
-    peer: Name | None = None
-    ip: str
+    service: Name = Field(description="The service the address belongs to.",
+                          json_schema_extra=consul("ServiceName"))
+    namespace: Name = Field("default", description="Its namespace.")
+    partition: Name = Field("default", description="Its partition.")
+    peer: Name | None = Field(None, description="Its cluster peer, for an imported service.")
+    ip: str = Field(description="The fixed IPv4 address answered by `<service>.virtual.consul`.",
+                    json_schema_extra=consul("ManualVirtualIPs / consul-virtual tagged address"))
 
     @field_validator("ip")
     @classmethod
@@ -163,10 +208,14 @@ class VirtualIP(_Model):
 class Target(_Model):
     """A place to look: any of peer / datacenter / partition / namespace (others as the source)."""
 
-    peer: Name | None = None
-    datacenter: Name | None = None
-    partition: Name | None = None
-    namespace: Name | None = None
+    peer: Name | None = Field(None, description="A cluster peer.",
+                              json_schema_extra=consul("Peer"))
+    datacenter: Name | None = Field(None, description="A datacenter.",
+                                    json_schema_extra=consul("Datacenter"))
+    partition: Name | None = Field(None, description="A partition.",
+                                   json_schema_extra=consul("Partition"))
+    namespace: Name | None = Field(None, description="A namespace.",
+                                   json_schema_extra=consul("Namespace"))
 
     @model_validator(mode="after")
     def _something(self) -> Target:
@@ -178,16 +227,21 @@ class Target(_Model):
 
 
 class Failover(_Model):
-    service: Name
-    namespace: Name = "default"
-    partition: Name = "default"
-    datacenter: Name | None = None
-    targets: list[Target] = Field(min_length=1)
+    service: Name = Field(description="The service whose lookups fail over.",
+                          json_schema_extra=consul("service-resolver Name"))
+    namespace: Name = Field("default", description="Its namespace.")
+    partition: Name = Field("default", description="Its partition.")
+    datacenter: Name | None = Field(None, description="Whose lookups this applies to; "
+                                    "default: the server's datacenter.")
+    targets: list[Target] = Field(min_length=1, description="Tried in order when no instance "
+                                  "is healthy.", json_schema_extra=consul("Failover.Targets"))
 
 
 class SamenessMember(_Model):
-    partition: Name | None = None
-    peer: Name | None = None
+    partition: Name | None = Field(None, description="A partition of this cluster.",
+                                   json_schema_extra=consul("Members.Partition"))
+    peer: Name | None = Field(None, description="A cluster peer.",
+                              json_schema_extra=consul("Members.Peer"))
 
     @model_validator(mode="after")
     def _one(self) -> SamenessMember:
@@ -197,28 +251,50 @@ class SamenessMember(_Model):
 
 
 class SamenessGroup(_Model):
-    name: Name
-    partition: Name = "default"
-    default_for_failover: bool = False
-    include_local: bool = False
-    members: list[SamenessMember] = Field(min_length=1)
+    name: Name = Field(description="The group's name (`<service>.service.<group>.sg.consul`).",
+                       json_schema_extra=consul("sameness-group Name"))
+    partition: Name = Field("default", description="The partition it is defined in.",
+                            json_schema_extra=consul("Partition"))
+    default_for_failover: bool = Field(False, description="Its members are failover targets "
+                                       "for every service of the partition without its own "
+                                       "`failover`.", json_schema_extra=consul(
+                                           "DefaultForFailover"))
+    include_local: bool = Field(False, description="Lookups through the group include the "
+                                "local partition first.", json_schema_extra=consul(
+                                    "IncludeLocal"))
+    members: list[SamenessMember] = Field(min_length=1, description="Partitions and peers, in "
+                                          "order.", json_schema_extra=consul("Members"))
 
 
 class QueryFailover(_Model):
-    nearest_n: int = Field(0, ge=0)
-    datacenters: list[Name] = Field(default_factory=list)
-    targets: list[Target] = Field(default_factory=list)
+    nearest_n: int = Field(0, ge=0, description="Fail over to the N nearest datacenters "
+                           "(by `datacenter_rtt`).", json_schema_extra=consul("NearestN"))
+    datacenters: list[Name] = Field(default_factory=list, description="Then these "
+                                    "datacenters, in order.",
+                                    json_schema_extra=consul("Datacenters"))
+    targets: list[Target] = Field(default_factory=list, description="Or these targets, in "
+                                  "order (instead of nearest_n and datacenters).",
+                                  json_schema_extra=consul("Targets"))
 
 
 class PreparedQuery(_Model):
-    name: str
-    service: Name
-    namespace: Name = "default"
-    partition: Name = "default"
-    tags: list[str] = Field(default_factory=list)
-    only_passing: bool = False
-    ttl: Duration | None = None
-    failover: QueryFailover = QueryFailover()
+    name: str = Field(description="Looked up as `<name>.query.consul`.",
+                      json_schema_extra=consul("Name"))
+    service: Name = Field(description="The service it answers.",
+                          json_schema_extra=consul("Service.Service"))
+    namespace: Name = Field("default", description="Its namespace.",
+                            json_schema_extra=consul("Service.Namespace"))
+    partition: Name = Field("default", description="Its partition.",
+                            json_schema_extra=consul("Service.Partition"))
+    tags: list[str] = Field(default_factory=list, description="Instances must have all of "
+                            "these tags.", json_schema_extra=consul("Service.Tags"))
+    only_passing: bool = Field(False, description="Leave out instances in `warning`.",
+                               json_schema_extra=consul("Service.OnlyPassing"))
+    ttl: Duration | None = Field(None, description="TTL of its answers; default: the "
+                                 "service's TTL.", json_schema_extra=consul("DNS.TTL"))
+    failover: QueryFailover = Field(QueryFailover(), description="Where to look when no "
+                                    "local instance is healthy.",
+                                    json_schema_extra=consul("Service.Failover"))
 
     @field_validator("name")
     @classmethod
@@ -229,16 +305,33 @@ class PreparedQuery(_Model):
 
 
 class Catalog(_Model):
-    nodes: list[Node] = Field(default_factory=list)
+    nodes: list[Node] = Field(default_factory=list, description="Machines running a Consul "
+                              "agent, here and in federated datacenters and peers.",
+                              json_schema_extra=consul("catalog nodes (/v1/catalog/nodes)"))
     # Service models, or raw mappings that build_snapshot validates one at a time: a
     # 300,000-instance catalog held as models at once needs ~1 GB, one at a time ~150 MB.
-    services: list[Service | dict[str, Any]] = Field(default_factory=list)
-    virtual_ips: list[VirtualIP] = Field(default_factory=list)
-    failover: list[Failover] = Field(default_factory=list)
-    sameness_groups: list[SamenessGroup] = Field(default_factory=list)
-    prepared_queries: list[PreparedQuery] = Field(default_factory=list)
+    services: list[Service | dict[str, Any]] = Field(
+        default_factory=list, description="Service instances, each on a node.",
+        json_schema_extra=consul("catalog services (/v1/health/service)"))
+    virtual_ips: list[VirtualIP] = Field(default_factory=list, description="Fixed virtual "
+                                         "IPs; other services get one derived from their name "
+                                         "in `virtual_ip_range`.",
+                                         json_schema_extra=consul("virtual IPs"))
+    failover: list[Failover] = Field(default_factory=list, description="Where to look when a "
+                                     "service has no healthy instance.",
+                                     json_schema_extra=consul("service-resolver Failover"))
+    sameness_groups: list[SamenessGroup] = Field(default_factory=list, description="Groups of "
+                                                 "partitions and peers that hold the same "
+                                                 "services.",
+                                                 json_schema_extra=consul("sameness-group"))
+    prepared_queries: list[PreparedQuery] = Field(default_factory=list, description="Named "
+                                                  "queries answered under `.query`.",
+                                                  json_schema_extra=consul("prepared query"))
     # meshdns extension for prepared-query nearest_n: RTT between datacenters (symmetric)
-    datacenter_rtt: dict[Name, dict[Name, Duration]] = Field(default_factory=dict)
+    datacenter_rtt: dict[Name, dict[Name, Duration]] = Field(
+        default_factory=dict, description="meshdns extension: round-trip time between "
+        "datacenters (symmetric), for prepared queries' `nearest_n`.",
+        json_schema_extra=consul("network coordinates"))
 
 
 class CatalogFile(Catalog):
