@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .config import parse_hostport
+from .metrics import render_families
 
 if TYPE_CHECKING:
     from .server import DnsServer
@@ -40,6 +41,9 @@ def make_app(server: DnsServer) -> web.Application:
         responder = server.responder
         text = server.metrics.render(extra, responder.query_counts(),
                                      responder.truncated_count(), server.state.errors)
+        source_metrics = getattr(server.source, "metrics", None)  # the Consul source's own
+        if source_metrics is not None:
+            text += render_families(source_metrics())
         return web.Response(text=text,
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})

@@ -85,3 +85,17 @@ class Metrics:
         for name, value in (extra or {}).items():
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+#: (name, type, help, [(labels, value)]): a metric family a catalog source adds to /metrics
+Family = tuple[str, str, str, list[tuple[str, float]]]
+
+
+def render_families(families: list[Family]) -> str:
+    """Families in the Prometheus text format; ``labels`` is ``key="value",...`` or ""."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -16,7 +16,9 @@ def source_for(config: Config, catalog: Path | None) -> CatalogSource:
     if catalog is not None:
         return FileSource(config, catalog, follow_config=catalog == config.catalog_path())
     if config.catalog.consul is not None:
-        raise ConfigError(["catalog.consul: following a Consul cluster is not implemented yet"])
+        from .consul.source import ConsulCatalogSource  # aiohttp's client: only when used
+
+        return ConsulCatalogSource(config)
     raise ConfigError(["catalog: the config names no catalog file and no Consul cluster"])
 
 

@@ -1,0 +1,720 @@
+"""The Consul catalog source: follow a Consul cluster and publish snapshots as it changes.
+
+How it stays bounded whatever the number of services N (requests in flight depend on the
+number of scopes and the fetch pool, never on N):
+
+- a *scope* is a datacenter (local or WAN-federated) x partition x namespace, or a cluster peer
+  x partition x namespace. Per scope, two blocking watches say *which* services changed: the
+  service list (``/v1/catalog/services``: names added or removed, tags) and every check of the
+  scope (``/v1/health/state/any``: a service whose checks changed, or a node whose node checks
+  did, which changes every service on it). Per datacenter x partition, a blocking watch on
+  ``/v1/catalog/nodes`` follows ``.node`` names;
+- a fixed pool of fetchers re-reads only the changed services (``/v1/health/service/<name>``)
+  and the result replaces just their entries in the snapshot (``snapshot.apply_update``), so a
+  change reaches DNS within one blocking return plus one fetch;
+- the topology (datacenters, partitions, namespaces, peerings) is polled with jitter; on Consul
+  CE the Enterprise endpoints answer 404, which means "only default";
+- ``service-resolver`` and ``sameness-group`` config entries (blocking) become the failover
+  that ``resolve.py`` already follows.
+
+A service list that wakes with a new index but the same body means a registration changed
+without its checks (an address, a port, a virtual IP): Consul does not say which, so the scope
+is re-read whole, at most once per ``RESCAN_INTERVAL``, through the same fetcher pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ...config import Config
+from ...metrics import Family
+from ..model import SamenessGroup, Target
+from ..snapshot import (
+    Instance,
+    NodeKey,
+    NodeRecord,
+    ServiceKey,
+    Snapshot,
+    Update,
+    apply_update,
+    empty_snapshot,
+)
+from ..source import EVERYTHING, Change, Publish, SourceState
+from . import mapping
+from .client import ConsulClient, ConsulError, fetch_pool_size
+from .mapping import Malformed, Scope
+from .watch import Backoff, Watch, WatchStats
+
+log = logging.getLogger("meshdns.consul")
+
+TOPOLOGY_POLL = 30.0  # seconds between reads of datacenters, partitions, namespaces, peerings
+RESCAN_INTERVAL = 10.0  # at most one whole re-read of a scope this often
+FLUSH_DELAY = 0.005  # results arriving within this are published as one snapshot
+STALE_LOG_EVERY = 60.0
+
+
+class ScopeWatch:
+    """The watches of one scope and what they last said."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.names: dict[str, tuple[str, ...]] | None = None  # None: not read yet
+        self.service_digests: dict[str, bytes] | None = None
+        self.node_digests: dict[str, bytes] = {}
+        self.node_services: dict[str, set[str]] = {}  # node name -> service names on it
+        self.check_changes: list[int] = []  # indexes at which the checks changed (recent)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.watches: list[Watch] = []
+        self.initial: set[str] = set()  # services of the first read not fetched yet
+        self.synced = False  # first read done and fetched
+        self.last_rescan = 0.0
+        self.rescan_pending = False
+
+
+class ConsulCatalogSource:
+    """``catalog.consul``: the ``CatalogSource`` that follows a Consul cluster."""
+
+    kind = "consul"
+
+    def __init__(self, config: Config) -> None:
+        assert config.catalog.consul is not None
+        self.config = config
+        self.settings = config.catalog.consul
+        self.state = SourceState("consul", ready=False, serving=False)
+        self.snapshot: Snapshot = empty_snapshot(config.datacenter)
+        self.local_dc = (self.settings.datacenter or config.datacenter).lower()
+        self.client: ConsulClient | None = None
+        self.scopes: dict[Scope, ScopeWatch] = {}
+        self.node_watches: dict[tuple[str, str], tuple[asyncio.Task[None], Watch]] = {}
+        self.config_watches: dict[str, list[tuple[asyncio.Task[None], Watch]]] = {}
+        self.topology = WatchStats("topology", {})
+        self.datacenters: list[str] = []
+        self.partitions: list[str] = []
+        self.peers: dict[str, list[str]] = {}  # partition -> peers
+        self.namespaces: dict[str, list[str]] = {}  # partition -> namespaces
+        self.resolvers: dict[str, Any] = {}  # partition -> service-resolver body
+        self.groups: dict[str, dict[tuple[str, str], SamenessGroup]] = {}
+        self.nodes_by_scope: dict[tuple[str, str], dict[NodeKey, NodeRecord]] = {}
+        self.pending: dict[ServiceKey, list[Instance]] = {}
+        self.pending_nodes: dict[NodeKey, NodeRecord | None] = {}
+        self.pending_topology: dict[str, Any] = {}
+        self.queue: asyncio.Queue[tuple[Scope, str]] = asyncio.Queue()
+        self.queued: set[tuple[Scope, str]] = set()
+        self.interned: dict[tuple[Any, ...], NodeRecord] = {}
+        self.publish: Publish | None = None
+        self.started = time.monotonic()
+        self.index_resets = 0
+        self.fetches = 0
+        self.fetch_errors = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._topology_changed = asyncio.Event()
+        self._last_stale_log = 0.0
+
+    # --- the CatalogSource protocol ------------------------------------------------------
+
+    async def run(self, publish: Publish) -> None:
+        self.publish = publish
+        self.client = ConsulClient(self.settings, self.config.base_dir)
+        log.info("consul: following %s (datacenter %s, partitions %s, namespaces %s, peers %s,"
+                 " datacenters %s)", self.settings.address, self.settings.datacenter or
+                 "from the agent", _show(self.settings.partitions),
+                 _show(self.settings.namespaces), _show(self.settings.peers),
+                 _show(self.settings.datacenters))
+        try:
+            await self._local_datacenter()
+            for _ in range(fetch_pool_size(self.settings.max_requests)):
+                self._spawn(self._fetcher())
+            self._spawn(self._watch_staleness())
+            await self._follow_topology()
+        finally:
+            for task in self._all_tasks():
+                task.cancel()
+            await asyncio.gather(*self._all_tasks(), return_exceptions=True)
+            await self.client.close()
+
+    async def reload(self, why: str) -> None:
+        """SIGHUP: read the topology again now (the watches follow everything else live)."""
+        log.info("consul: %s: re-reading the topology", why)
+        self._topology_changed.set()
+
+    def reconfigure(self, config: Config) -> list[str]:
+        if config.catalog.consul != self.settings:
+            return ["catalog.consul"]
+        return []
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    def _all_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = list(self._tasks)
+        for sw in self.scopes.values():
+            tasks += sw.tasks
+        tasks += [t for t, _ in self.node_watches.values()]
+        for items in self.config_watches.values():
+            tasks += [t for t, _ in items]
+        return tasks
+
+    def watches(self) -> list[Watch]:
+        out = [w for sw in self.scopes.values() for w in sw.watches]
+        out += [w for _, w in self.node_watches.values()]
+        out += [w for items in self.config_watches.values() for _, w in items]
+        return out
+
+    def _reachable(self) -> None:
+        """Consul answered something: it is reachable."""
+        state = self.state
+        state.last_success = time.time()
+        if state.failing_since is not None:
+            log.info("consul %s reachable again after %.0fs", self.settings.address,
+                     time.time() - state.failing_since)
+            state.failing_since = None
+            if not state.serving and state.ready:
+                state.serving = True
+                self._republish()
+
+    def _failed(self, exc: ConsulError) -> bool:
+        """Every watch's and fetch's errors pass here."""
+        state = self.state
+        state.last_error = str(exc)
+        state.errors += 1
+        if exc.unreachable and state.failing_since is None:
+            state.failing_since = time.time()
+            if state.ready:
+                log.warning("consul unreachable (%s): serving the catalog as of %s", exc,
+                            time.strftime("%H:%M:%S", time.localtime(self.snapshot.loaded_at)))
+        return False
+
+    def _on_error(self, optional: bool) -> Callable[[ConsulError], bool]:
+        """An error handler for a watch. ``optional``: 404/400 mean the endpoint does not
+        exist here (Consul CE): handled, polled again later."""
+        def handle(exc: ConsulError) -> bool:
+            self._failed(exc)
+            return optional and exc.status in (400, 404)
+        return handle
+
+    def _republish(self) -> None:
+        if self.publish is not None:
+            self.publish(self.snapshot, EVERYTHING)
+
+    # --- the local datacenter and the topology ------------------------------------------
+
+    async def _local_datacenter(self) -> None:
+        """Ask the agent which datacenter is local, unless the config says."""
+        if self.settings.datacenter:
+            self._check_dc()
+            return
+        backoff = Backoff()
+        assert self.client is not None
+        while True:
+            try:
+                reply = await self.client.get("/v1/agent/self")
+                self._reachable()
+                config = reply.body.get("Config", {}) if isinstance(reply.body, dict) else {}
+                dc = str(config.get("Datacenter") or "").lower()
+                if dc:
+                    self.local_dc = dc
+                self._check_dc()
+                return
+            except ConsulError as exc:
+                self._failed(exc)
+                if exc.status in (403, 404):  # no agent:read: the config's datacenter it is
+                    log.warning("%s: using datacenter %s", exc, self.local_dc)
+                    return
+                pause = backoff.next()
+                if backoff.failures in (1, 4) or backoff.failures % 30 == 0:
+                    log.warning("%s (retrying in %.1fs)", exc, pause)
+                await asyncio.sleep(pause)
+
+    def _check_dc(self) -> None:
+        if self.local_dc != self.config.datacenter:
+            log.warning("consul's local datacenter is %s but the config's datacenter is %s: "
+                        "names without a datacenter look in %s; set datacenter: %s",
+                        self.local_dc, self.config.datacenter, self.config.datacenter,
+                        self.local_dc)
+
+    async def _follow_topology(self) -> None:
+        """Read the topology, reconcile the scopes; again every TOPOLOGY_POLL (jittered)."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._read_topology()
+                backoff.reset()
+                self.topology.last_success = time.time()
+                self.topology.reads += 1
+                pause = TOPOLOGY_POLL * (0.75 + random.random() / 2)
+            except ConsulError as exc:
+                self._failed(exc)
+                self.topology.last_error = str(exc)
+                self.topology.last_error_at = time.time()
+                pause = backoff.next()
+                if backoff.failures in (1, 4) or backoff.failures % 30 == 0:
+                    log.warning("%s (retrying in %.1fs)", exc, pause)
+            self._topology_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._topology_changed.wait(), pause)
+
+    async def _optional(self, path: str, params: dict[str, str], read: Callable[[Any], Any],
+                        fallback: Any) -> Any:
+        """A topology read where 404 (Consul CE) or 403 (the token may not list) give
+        ``fallback``; unreachable raises."""
+        assert self.client is not None
+        try:
+            reply = await self.client.get(path, params)
+        except ConsulError as exc:
+            if exc.status in (400, 403, 404):
+                self._reachable()
+                if exc.status == 403:
+                    self._failed(exc)
+                    self.topology.last_error = str(exc)
+                return fallback
+            raise
+        self._reachable()
+        try:
+            return read(reply.body)
+        except Malformed as exc:
+            log.warning("consul %s: malformed body: %s (keeping the last one)", path, exc)
+            raise ConsulError(path, -1, f"malformed body: {exc}") from None
+
+    async def _read_topology(self) -> None:
+        s = self.settings
+        if s.partitions == ["*"]:
+            partitions = await self._optional("/v1/partitions", {}, mapping.partitions,
+                                              ["default"]) or ["default"]
+        else:
+            partitions = list(s.partitions)
+        namespaces: dict[str, list[str]] = {}
+        peers: dict[str, list[str]] = {}
+        for p in partitions:
+            pp = {"partition": p} if p != "default" else {}
+            if "*" in s.namespaces:
+                namespaces[p] = await self._optional("/v1/namespaces", pp, mapping.namespaces,
+                                                     ["default"]) or ["default"]
+            else:
+                namespaces[p] = list(s.namespaces)
+            if "*" in s.peers:
+                peers[p] = await self._optional("/v1/peerings", pp, mapping.peerings, [])
+            else:
+                peers[p] = list(s.peers)
+        if "*" in s.datacenters:
+            dcs = await self._optional("/v1/catalog/datacenters", {}, mapping.datacenters, [])
+        else:
+            dcs = list(s.datacenters)
+        dcs = [self.local_dc] + [d for d in dcs if d != self.local_dc]
+        changed = (partitions, namespaces, peers, dcs) != (
+            self.partitions, self.namespaces, self.peers, self.datacenters)
+        self.partitions, self.namespaces, self.peers, self.datacenters = (
+            partitions, namespaces, peers, dcs)
+        if changed:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Start the watches the topology asks for; stop (and empty) the others."""
+        wanted: set[Scope] = set()
+        for p in self.partitions:
+            for ns in self.namespaces.get(p, ["default"]):
+                wanted.add(Scope("", self.local_dc, p, ns))
+                for peer in self.peers.get(p, []):
+                    wanted.add(Scope(peer, "", p, ns))
+        for dc in self.datacenters[1:]:  # federated: the default partition, as WAN federation
+            for ns in self.namespaces.get("default", ["default"]):
+                wanted.add(Scope("", dc, "default", ns))
+        for scope in sorted(set(self.scopes) - wanted, key=repr):
+            self._stop_scope(scope)
+        for scope in sorted(wanted - set(self.scopes), key=repr):
+            self._start_scope(scope)
+        node_scopes = {(sc.datacenter, sc.partition) for sc in wanted if not sc.peer}
+        for key in set(self.node_watches) - node_scopes:
+            task, _ = self.node_watches.pop(key)
+            task.cancel()
+            for nkey in self.nodes_by_scope.pop(key, {}):
+                self.pending_nodes[nkey] = None
+        for key in sorted(node_scopes - set(self.node_watches)):
+            self._start_nodes(*key)
+        for p in set(self.config_watches) - set(self.partitions):
+            for task, _ in self.config_watches.pop(p):
+                task.cancel()
+            self.resolvers.pop(p, None)
+            self.groups.pop(p, None)
+        for p in self.partitions:
+            if p not in self.config_watches:
+                self._start_config(p)
+        self.pending_topology = {
+            "datacenters": frozenset(self.datacenters),
+            "partitions": frozenset({"default", *self.partitions}),
+            "peers": frozenset(peer for ps in self.peers.values() for peer in ps),
+        }
+        self._schedule_flush()
+        self._maybe_ready()
+
+    # --- scopes --------------------------------------------------------------------------
+
+    def _start_scope(self, scope: Scope) -> None:
+        assert self.client is not None
+        sw = ScopeWatch(scope)
+        params = scope.params(self.local_dc)
+        checks = Watch(self.client, "/v1/health/state/any", params,
+                       lambda body: self._checks_changed(sw, body),
+                       on_error=self._on_error(False), on_reply=self._reachable)
+        names = Watch(self.client, "/v1/catalog/services", params,
+                      lambda body: self._names_changed(sw, body),
+                      on_error=self._on_error(False), on_reply=self._reachable,
+                      on_same=lambda index: self._unexplained(sw, index))
+        sw.watches = [names, checks]
+
+        async def run() -> None:
+            check_task = asyncio.ensure_future(checks.run())
+            sw.tasks.append(check_task)
+            # the checks first: a change between the services' first fetch and the checks'
+            # first read would otherwise go unseen
+            await checks.first_read.wait()
+            await names.run()
+
+        sw.tasks.append(asyncio.ensure_future(run()))
+        self.scopes[scope] = sw
+        log.debug("consul: watching %s", scope.describe())
+
+    def _stop_scope(self, scope: Scope) -> None:
+        sw = self.scopes.pop(scope)
+        for task in sw.tasks:
+            task.cancel()
+        for name in sw.names or {}:
+            self.pending[_key(scope, name)] = []
+        log.info("consul: no longer following %s", scope.describe())
+        self._schedule_flush()
+
+    def _names_changed(self, sw: ScopeWatch, body: Any) -> None:
+        names = mapping.service_names(body)
+        old = sw.names
+        sw.names = names
+        scope = sw.scope
+        if old is None:  # the first read: fetch everything
+            sw.initial = set(names)
+            for name in names:
+                self._enqueue(scope, name)
+            if not names:
+                sw.synced = True
+                self._maybe_ready()
+            return
+        for name in names:
+            if name not in old or names[name] != old[name]:
+                self._enqueue(scope, name)
+        for name in set(old) - set(names):
+            self.pending[_key(scope, name)] = []
+            sw.initial.discard(name)
+            self._schedule_flush()
+
+    def _checks_changed(self, sw: ScopeWatch, body: Any) -> None:
+        by_service, by_node = mapping.check_digests(body)
+        old_services, old_nodes = sw.service_digests, sw.node_digests
+        sw.service_digests, sw.node_digests = by_service, by_node
+        index = next((w.stats.index for w in sw.watches if w.endpoint.endswith("/any")), 0)
+        sw.check_changes = (sw.check_changes + [index])[-64:]
+        if old_services is None or sw.names is None:
+            return  # the first read: the service list's first fetch reads everything
+        changed = {n for n in set(by_service) | set(old_services)
+                   if by_service.get(n) != old_services.get(n)}
+        for node in set(by_node) | set(old_nodes):
+            if by_node.get(node) != old_nodes.get(node):
+                changed |= sw.node_services.get(node, set())
+        for name in changed:
+            if name in sw.names:
+                self._enqueue(sw.scope, name)
+
+    def _unexplained(self, sw: ScopeWatch, index: int) -> None:
+        """The service list moved to ``index`` with the same body: a registration changed
+        (address, port, virtual IP) without its checks, or a check write moved a shared
+        index. Wait a moment for the checks' watch: a change it saw at this very index
+        explains the wake-up; otherwise re-read the scope."""
+        if sw.rescan_pending:
+            return
+        sw.rescan_pending = True
+
+        async def settle() -> None:
+            try:
+                await asyncio.sleep(0.2)
+                if index in sw.check_changes:
+                    return
+                wait = sw.last_rescan + RESCAN_INTERVAL - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                sw.last_rescan = time.monotonic()
+                log.debug("consul: %s: registrations changed at index %d: re-reading its %d "
+                          "services", sw.scope.describe(), index, len(sw.names or ()))
+                for name in sw.names or ():
+                    self._enqueue(sw.scope, name)
+            finally:
+                sw.rescan_pending = False
+
+        sw.tasks.append(asyncio.ensure_future(settle()))
+        sw.tasks = [t for t in sw.tasks if not t.done()]
+
+    # --- fetchers ------------------------------------------------------------------------
+
+    def _enqueue(self, scope: Scope, name: str) -> None:
+        item = (scope, name)
+        if item not in self.queued:
+            self.queued.add(item)
+            self.queue.put_nowait(item)
+
+    async def _fetcher(self) -> None:
+        assert self.client is not None
+        backoff = Backoff()
+        while True:
+            scope, name = await self.queue.get()
+            self.queued.discard((scope, name))
+            sw = self.scopes.get(scope)
+            if sw is None:
+                continue
+            try:
+                reply = await self.client.get("/v1/health/service/" + name,
+                                              scope.params(self.local_dc), fetch=True)
+                self._reachable()
+                found = mapping.instances(reply.body, scope, self.interned)
+                backoff.reset()
+            except ConsulError as exc:
+                self.fetch_errors += 1
+                self._failed(exc)
+                if exc.unreachable or exc.status == 429:
+                    log.debug("%s", exc)
+                    await asyncio.sleep(backoff.next())
+                    self._enqueue(scope, name)  # retried: the change still has to show
+                else:
+                    log.warning("%s", exc)
+                    self._fetched(sw, name)
+                continue
+            except Malformed as exc:
+                self.fetch_errors += 1
+                log.warning("consul /v1/health/service/%s: malformed body: %s (update skipped,"
+                            " keeping the last good data)", name, exc)
+                self._fetched(sw, name)
+                continue
+            self.fetches += 1
+            if self.scopes.get(scope) is not sw or name not in (sw.names or {}):
+                continue  # gone meanwhile
+            for inst in found:
+                sw.node_services.setdefault(inst.node.name, set()).add(name)
+            self.pending[_key(scope, name)] = found
+            self._fetched(sw, name)
+            self._schedule_flush()
+
+    def _fetched(self, sw: ScopeWatch, name: str) -> None:
+        if sw.initial:
+            sw.initial.discard(name)
+            if not sw.initial and not sw.synced:
+                sw.synced = True
+                self._maybe_ready()
+
+    # --- nodes and config entries ---------------------------------------------------------
+
+    def _start_nodes(self, dc: str, partition: str) -> None:
+        assert self.client is not None
+        scope = Scope("", dc, partition, "default")
+        params = scope.params(self.local_dc)
+        watch = Watch(self.client, "/v1/catalog/nodes", params,
+                      lambda body: self._nodes_changed(dc, partition, body),
+                      on_error=self._on_error(False), on_reply=self._reachable)
+        self.node_watches[(dc, partition)] = (asyncio.ensure_future(watch.run()), watch)
+
+    def _nodes_changed(self, dc: str, partition: str, body: Any) -> None:
+        scope = Scope("", dc, partition, "default")
+        records = {(r.peer, r.datacenter, r.partition, r.name.lower()): r
+                   for r in mapping.nodes(body, scope)}
+        old = self.nodes_by_scope.get((dc, partition), {})
+        self.nodes_by_scope[(dc, partition)] = records
+        moved: set[str] = set()
+        for key in set(old) | set(records):
+            if old.get(key) != records.get(key):
+                self.pending_nodes[key] = records.get(key)
+                if key in old and key in records and old[key].address != records[key].address:
+                    moved.add(old[key].name)
+        # services without an address of their own answer with their node's: re-read them
+        for sw in self.scopes.values():
+            if sw.scope.datacenter == dc and sw.scope.partition == partition:
+                for node in moved:
+                    for name in sw.node_services.get(node, ()):
+                        self._enqueue(sw.scope, name)
+        self._schedule_flush()
+
+    def _start_config(self, partition: str) -> None:
+        assert self.client is not None
+        params = {"partition": partition} if partition != "default" else {}
+        if self.settings.namespaces != ["default"]:
+            params = {**params, "ns": "*"}
+        resolvers = Watch(self.client, "/v1/config/service-resolver", params,
+                          lambda body: self._resolvers_changed(partition, body),
+                          on_error=self._on_error(True), on_reply=self._reachable)
+        gparams = {"partition": partition} if partition != "default" else {}
+        groups = Watch(self.client, "/v1/config/sameness-group", gparams,
+                       lambda body: self._groups_changed(partition, body),
+                       on_error=self._on_error(True), on_reply=self._reachable, poll=60.0)
+        self.config_watches[partition] = [(asyncio.ensure_future(w.run()), w)
+                                          for w in (resolvers, groups)]
+
+    def _resolvers_changed(self, partition: str, body: Any) -> None:
+        mapping.resolver_failover(body, self.local_dc, partition, {})  # shape check
+        self.resolvers[partition] = body
+        self._config_entries_changed()
+
+    def _groups_changed(self, partition: str, body: Any) -> None:
+        self.groups[partition] = mapping.sameness_groups(body, partition)
+        self._config_entries_changed()
+
+    def _config_entries_changed(self) -> None:
+        groups: dict[tuple[str, str], SamenessGroup] = {}
+        for g in self.groups.values():
+            groups.update(g)
+        failover: dict[ServiceKey, tuple[Target, ...]] = {}
+        for partition, body in self.resolvers.items():
+            failover.update(mapping.resolver_failover(body, self.local_dc, partition, groups))
+        self.pending_topology["failover"] = failover
+        self.pending_topology["sameness_groups"] = groups
+        self._schedule_flush()
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def _maybe_ready(self) -> None:
+        if self.state.ready or not self.scopes:
+            return
+        if not all(sw.synced for sw in self.scopes.values()):
+            return
+        self._flush()
+        self.state.ready = True
+        self.state.serving = True
+        c = self.snapshot.counts
+        log.info("consul: ready in %.2fs: %d services, %d instances, %d nodes in %d scopes "
+                 "(%d datacenters, %d partitions, %d peers)",
+                 time.monotonic() - self.started, c["services"], c["instances"], c["nodes"],
+                 len(self.scopes), len(self.datacenters), len(self.partitions),
+                 len(self.snapshot.peers))
+        self.state.detail = self.describe()
+        self._republish()
+
+    def _schedule_flush(self) -> None:
+        if not self.state.ready or self._flush_handle is not None:
+            return
+        self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        """Apply what the watches and fetchers gathered as one new snapshot; publish it."""
+        self._flush_handle = None
+        topology = self.pending_topology
+        update = Update(services=self.pending, nodes=self.pending_nodes,
+                        datacenters=topology.get("datacenters"),
+                        peers=topology.get("peers"), partitions=topology.get("partitions"),
+                        failover=topology.get("failover"),
+                        sameness_groups=topology.get("sameness_groups"))
+        self.pending, self.pending_nodes, self.pending_topology = {}, {}, {}
+        if not update:
+            return
+        applied = apply_update(self.snapshot, update)
+        if applied.snapshot is self.snapshot:
+            return
+        self.snapshot = applied.snapshot
+        if len(self.interned) > 4 * max(1, self.snapshot.counts["nodes"]) + 1024:
+            self.interned.clear()  # records of old node states; live ones are in the snapshot
+        if self.state.ready and self.publish is not None:
+            self.publish(self.snapshot, Change(applied.services, applied.everything))
+
+    # --- staleness -----------------------------------------------------------------------
+
+    def stale_seconds(self) -> float:
+        since = self.state.failing_since
+        return 0.0 if since is None else max(0.0, time.time() - since)
+
+    async def _watch_staleness(self) -> None:
+        """Log how stale the served catalog is while Consul is unreachable; past
+        ``max_stale``, answer SERVFAIL (state.serving False) until Consul is back."""
+        while True:
+            await asyncio.sleep(1.0)
+            state = self.state
+            state.detail = self.describe()  # what /v1/catalog shows
+            stale = self.stale_seconds()
+            if not stale or not state.ready:
+                continue
+            now = time.monotonic()
+            if now - self._last_stale_log >= STALE_LOG_EVERY:
+                self._last_stale_log = now
+                log.warning("consul unreachable for %.0fs (%s): serving the catalog as of %s",
+                            stale, state.last_error,
+                            time.strftime("%H:%M:%S", time.localtime(self.snapshot.loaded_at)))
+            limit = self.settings.max_stale
+            if limit is not None and stale > limit and state.serving:
+                state.serving = False
+                log.error("consul unreachable for %.0fs, more than max_stale %gs: answering "
+                          "SERVFAIL until it is back (%s)", stale, limit, state.last_error)
+                self._republish()
+
+    # --- what the admin endpoint shows -----------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """``/v1/catalog``'s ``state.detail``: every watch, its index, last success/error."""
+        client = self.client.stats() if self.client else {}
+        return {
+            "address": self.settings.address,
+            "datacenter": self.local_dc,
+            "datacenters": self.datacenters,
+            "partitions": self.partitions,
+            "namespaces": self.namespaces,
+            "peers": self.peers,
+            "scopes": len(self.scopes),
+            "fetch_queue": self.queue.qsize(),
+            "fetches": self.fetches,
+            "fetch_errors": self.fetch_errors,
+            "stale_seconds": round(self.stale_seconds(), 3),
+            "client": client,
+            "topology": self.topology.as_json(),
+            "watches": [w.stats.as_json() for w in self.watches()],
+        }
+
+    def metrics(self) -> list[Family]:
+        """(name, type, help, [(labels, value)]) for ``/metrics``."""
+        client = self.client
+        watches = self.watches()
+        errors = sorted((client.errors if client else {}).items())
+        return [
+            ("meshdns_catalog_stale_seconds", "gauge",
+             "Seconds since Consul was last reachable while it is not (0 when it is).",
+             [("", round(self.stale_seconds(), 3))]),
+            ("meshdns_consul_requests_in_flight", "gauge", "HTTP requests to Consul now.",
+             [("", client.in_flight if client else 0)]),
+            ("meshdns_consul_requests_in_flight_max", "gauge",
+             "The most HTTP requests to Consul in flight at once since start.",
+             [("", client.peak if client else 0)]),
+            ("meshdns_consul_requests_total", "counter", "HTTP requests sent to Consul.",
+             [("", client.requests if client else 0)]),
+            ("meshdns_consul_response_bytes_total", "counter", "Bytes of Consul's replies.",
+             [("", client.bytes if client else 0)]),
+            ("meshdns_consul_request_errors_total", "counter",
+             "Consul requests that failed, by HTTP status (or timeout, unreachable, "
+             "malformed).", [(f'status="{k}"', v) for k, v in errors]),
+            ("meshdns_consul_index_resets_total", "counter",
+             "Blocking queries whose index went backwards (re-read from scratch).",
+             [("", sum(w.stats.resets for w in watches))]),
+            ("meshdns_consul_wakeups_no_change_total", "counter",
+             "Blocking queries that returned with nothing changed.",
+             [("", sum(w.stats.no_change for w in watches))]),
+            ("meshdns_consul_fetches_total", "counter",
+             "Services re-read after a change.", [("", self.fetches)]),
+        ]
+
+
+def _key(scope: Scope, name: str) -> ServiceKey:
+    return (scope.peer, scope.datacenter, scope.partition, scope.namespace, name.lower())
+
+
+def _show(values: list[str]) -> str:
+    return ",".join(values) if values else "(none)"
+
+
+__all__ = ["ConsulCatalogSource"]
