@@ -71,6 +71,10 @@ def make_app(server: DnsServer) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/catalog", catalog)
+    from .status import routes  # the status page and /v1/explain (GET only)
+
+    for path, handler in routes(server):
+        app.router.add_get(path, handler)
     return app
 
 

@@ -1,4 +1,5 @@
-"""``meshdns serve | check | query``: the command line (reference: ``docs/reference.md``)."""
+"""``meshdns serve | check | query | explain``: the command line (reference:
+``docs/reference.md``)."""
 
 from __future__ import annotations
 
@@ -200,6 +201,60 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why NAME gets its answer: from the configured catalog, or a running server's snapshot."""
+    from .explain import ExplainError, explain, record_type, render_text, to_json
+
+    try:
+        record_type(args.type)
+    except ExplainError as exc:
+        print(f"meshdns explain: {exc}", file=sys.stderr)
+        return 2
+    if args.server:
+        doc = _explain_remote(args.server, args.name, args.type)
+        if doc is None:
+            return 1
+    else:
+        config, catalog = _settings(args)
+        source = source_for(config, catalog)
+        if not isinstance(source, FileSource):
+            print("meshdns explain: the config follows a Consul cluster: explain against the "
+                  "running server's live catalog with --server http://HOST:PORT (its admin "
+                  "endpoint)", file=sys.stderr)
+            return 1
+        snapshot = source.load()
+        from .responder import Responder
+
+        try:
+            doc = explain(Responder(config, snapshot), args.name, args.type)
+        except ExplainError as exc:
+            print(f"meshdns explain: {exc}", file=sys.stderr)
+            return 2
+    print(to_json(doc) if args.json else render_text(doc), end="" if not args.json else "\n")
+    return 0
+
+
+def _explain_remote(server: str, name: str, qtype: str) -> dict | None:
+    """GET /v1/explain from a running server's admin endpoint (None: said why on stderr)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = server if "://" in server else f"http://{server}"
+    url = f"{base.rstrip('/')}/v1/explain?" + urllib.parse.urlencode({"name": name,
+                                                                       "type": qtype})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace").strip()
+        print(f"meshdns explain: {url}: HTTP {exc.code}: {detail}", file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"meshdns explain: cannot read {url}: {reason}", file=sys.stderr)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshdns", description="Consul mesh names over DNS.")
     parser.add_argument("--version", action="version", version=f"meshdns {version()}")
@@ -228,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--edns", action="store_true", help="send EDNS0")
     query.add_argument("--timeout", type=float, default=2.0)
     query.set_defaults(func=cmd_query)
+
+    explain = sub.add_parser("explain", help="say why a name gets the answer it gets")
+    explain.add_argument("name")
+    explain.add_argument("type", nargs="?", default="A")
+    explain.add_argument("--config", help="server config (YAML)")
+    explain.add_argument("--catalog", help="catalog file (YAML or JSON); overrides the config")
+    explain.add_argument("--server", metavar="ADMIN_URL",
+                         help="explain against a running server's live catalog, through its "
+                              "admin endpoint (http://HOST:PORT)")
+    explain.add_argument("--json", action="store_true", help="print one JSON document")
+    explain.set_defaults(func=cmd_explain, example=False)
     return parser
 
 

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .catalog.model import Target
 from .catalog.snapshot import (
@@ -24,6 +24,9 @@ from .catalog.snapshot import (
 )
 from .config import Config
 from .names import Query, addr_hex, parse
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 # record types
 A, NS, CNAME, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 16, 28, 33, 41, 255
@@ -96,6 +99,15 @@ class Settings:
                 return value
         return 0
 
+    def service_ttl_rule(self, name: str) -> str | None:
+        """The ``dns.service_ttl`` key that gives ``name`` its TTL (None: none matches, 0)."""
+        if name in self.service_ttls:
+            return name
+        for prefix, _ in self.ttl_prefixes:
+            if name.startswith(prefix):
+                return prefix + "*"
+        return None
+
 
 # --- records -------------------------------------------------------------------------------
 
@@ -161,11 +173,19 @@ def nodata(s: Settings, snap: Snapshot | None, domain: str, kind: str) -> Answer
     return _negative(s, snap, domain, NOERROR, kind)
 
 
-def resolve(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
-    """Answer ``query`` asked with ``qtype`` from ``snap``."""
+def resolve(query: Query, qtype: int, snap: Snapshot, s: Settings,
+            trace: Trace | None = None) -> Answer:
+    """Answer ``query`` asked with ``qtype`` from ``snap``; with a ``trace``, also record why
+    (the packet path passes none)."""
     domain = query.domain
+    if trace is not None:
+        trace.query = query
     if query.kind == "ptr":
-        return _ptr(query, qtype, snap, s)
+        return _ptr(query, qtype, snap, s, trace)
+    if trace is not None and qtype in (SOA, NS):
+        trace.note(f"{'SOA' if qtype == SOA else 'NS'} is answered for any name under the "
+                   "domain")
+        trace.ttl_setting = "dns.soa.min_ttl" if qtype == SOA else "dns.node_ttl"
     if qtype == SOA:
         ns, glue = _ns_records(s, domain)
         return Answer(answers=[(soa_record(s, snap, domain), ())], authority=[ns],
@@ -175,21 +195,33 @@ def resolve(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
     handler = _HANDLERS.get(query.kind)
     if handler is None:
         return nxdomain(s, snap, domain, query.kind)
-    return handler(query, qtype, snap, s)
+    return handler(query, qtype, snap, s, trace)
 
 
-def _apex(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _apex(query: Query, qtype: int, snap: Snapshot, s: Settings, trace: Trace | None) -> Answer:
     # the apex exists (it has SOA and NS): other types are NODATA, never NXDOMAIN
+    if trace is not None:
+        trace.note("the zone apex has only SOA and NS records: other types are NODATA")
     return nodata(s, snap, query.domain, "apex")
 
 
-def _invalid(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _invalid(query: Query, qtype: int, snap: Snapshot, s: Settings,
+             trace: Trace | None) -> Answer:
+    if trace is not None:
+        trace.note(f"the name does not fit the grammar: {trace.invalid}")
     return nxdomain(s, snap, query.domain, "invalid")
 
 
-def _nameserver(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _nameserver(query: Query, qtype: int, snap: Snapshot, s: Settings,
+                trace: Trace | None) -> Answer:
     """``ns.<domain>``, the target of our NS record, resolves to the glue address."""
     glue = _ip_record(None, s.node_ttl, s.ns_glue) if s.ns_glue else None
+    if trace is not None:
+        trace.note(f"ns.{query.domain} is the target of the NS record: " +
+                   (f"its address is {s.ns_glue} (advertise, else the first listen address)"
+                    if glue else "no address to give (listening on a wildcard address and no "
+                    "advertise set)"))
+        trace.ttl_setting = "dns.node_ttl"
     if glue is None:
         return nxdomain(s, snap, query.domain, "ns")
     if qtype in (glue[1], ANY):
@@ -203,9 +235,18 @@ def _nameserver(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer
 Locality = tuple[str, str, str, str]  # (peer, datacenter, partition, namespace)
 
 
-def _known(snap: Snapshot, dc: str | None, peer: str | None, partition: str | None) -> bool:
-    return ((dc is None or dc in snap.datacenters) and (peer is None or peer in snap.peers)
-            and (partition is None or partition in snap.partitions))
+def _known(snap: Snapshot, dc: str | None, peer: str | None, partition: str | None,
+           trace: Trace | None = None) -> bool:
+    known = ((dc is None or dc in snap.datacenters) and (peer is None or peer in snap.peers)
+             and (partition is None or partition in snap.partitions))
+    if not known and trace is not None:
+        for what, value, names in (("datacenter", dc, snap.datacenters),
+                                   ("peer", peer, snap.peers),
+                                   ("partition", partition, snap.partitions)):
+            if value is not None and value not in names:
+                trace.note(f"unknown {what} {value!r} (the catalog has: "
+                           f"{', '.join(sorted(names)) or 'none'})")
+    return known
 
 
 def _primary(query: Query, s: Settings) -> Locality:
@@ -227,15 +268,25 @@ def _target_locality(t: Target, source: Locality, s: Settings) -> Locality:
     return (peer, dc, partition, t.namespace.lower() if t.namespace else source[3])
 
 
-def _localities(query: Query, snap: Snapshot, s: Settings) -> list[Locality] | None:
+def _localities(query: Query, snap: Snapshot, s: Settings,
+                trace: Trace | None = None) -> list[Locality] | None:
     """Where a service lookup looks, in order (None: an unknown group)."""
     primary = _primary(query, s)
     if query.sameness_group:
         group = snap.sameness_groups.get((primary[2], query.sameness_group))
         if group is None:
+            if trace is not None:
+                trace.note(f"no sameness group {query.sameness_group!r} in partition "
+                           f"{primary[2]}")
             return None
         out = [primary] if group.include_local else []
         out += [_member(m, primary, s) for m in group.members]
+        if trace is not None:
+            n = len(group.members)
+            trace.plan(([(primary, f"the local partition (sameness group {group.name} has "
+                          "include_local)")] if group.include_local else []) +
+                       [(loc, f"member {i} of {n} of sameness group {group.name}")
+                        for i, loc in enumerate(out[1 if group.include_local else 0:], 1)])
         return list(dict.fromkeys(out))
     out = [primary]
     if query.kind not in ("service", "connect") or primary[0]:
@@ -249,6 +300,16 @@ def _localities(query: Query, snap: Snapshot, s: Settings) -> list[Locality] | N
     out += [_target_locality(t, primary, s) for t in targets]
     if group is not None:
         out += [_member(m, primary, s) for m in group.members]
+    if trace is not None:
+        n, m = len(targets), len(out) - 1 - len(targets)
+        plan = [(primary, "the service's own locality")]
+        plan += [(loc, f"failover target {i} of {n} of {query.name} (catalog failover)")
+                 for i, loc in enumerate(out[1:1 + n], 1)]
+        if group is not None:
+            plan += [(loc, f"member {i} of {m} of sameness group {group.name} (its "
+                           f"default_for_failover applies in partition {primary[2]})")
+                     for i, loc in enumerate(out[1 + n:], 1)]
+        trace.plan(plan)
     return list(dict.fromkeys(out))  # the empty locality is not tried twice
 
 
@@ -259,14 +320,22 @@ def _member(m: Any, source: Locality, s: Settings) -> Locality:
 
 
 def _find(index: Any, localities: Sequence[Locality], name: str, tag: str | None,
-          only_passing: bool) -> tuple[Locality, tuple[Instance, ...]] | None:
+          only_passing: bool,
+          trace: Trace | None = None) -> tuple[Locality, tuple[Instance, ...]] | None:
     for loc in localities:
         group: InstanceSet | None = index.get((*loc, name))
         if group is None:
+            if trace is not None:
+                trace.look(loc, name, (), (), only_passing=only_passing,
+                           only_passing_from="dns.only_passing")
             continue
         found = group.healthy(only_passing)
         if tag is not None:
             found = tuple(i for i in found if tag in i.tags)
+        if trace is not None:
+            trace.look(loc, name, group.usable + group.unusable, found,
+                       tags=(tag,) if tag is not None else (), only_passing=only_passing,
+                       only_passing_from="dns.only_passing")
         if found:
             return loc, found
     return None
@@ -278,15 +347,22 @@ def _find(index: Any, localities: Sequence[Locality], name: str, tag: str | None
 _INDEX = {"service": "services", "connect": "connect", "ingress": "ingress"}
 
 
-def _service(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
-    if not _known(snap, query.datacenter, query.peer, query.partition):
+def _service(query: Query, qtype: int, snap: Snapshot, s: Settings,
+             trace: Trace | None) -> Answer:
+    if not _known(snap, query.datacenter, query.peer, query.partition, trace):
         return nxdomain(s, snap, query.domain, query.kind)
-    localities = _localities(query, snap, s)
+    localities = _localities(query, snap, s, trace)
     index = getattr(snap, _INDEX[query.kind])
-    found = _find(index, localities or (), query.name, query.tag, s.only_passing)
+    found = _find(index, localities or (), query.name, query.tag, s.only_passing, trace)
     if found is None:
+        if trace is not None:
+            trace.note("no healthy instance in any locality tried: NXDOMAIN")
         return nxdomain(s, snap, query.domain, query.kind)
     ttl = s.service_ttl(query.name)
+    if trace is not None:
+        rule = s.service_ttl_rule(query.name)
+        trace.ttl_setting = f"dns.service_ttl[{rule!r}]" if rule is not None else \
+            "no dns.service_ttl entry matches: 0"
     return instance_answer(found[1], qtype, ttl, s, snap, query.domain, query.kind)
 
 
@@ -419,12 +495,20 @@ def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, snap: Snap
 # --- node, virtual, addr, prepared query, PTR ----------------------------------------------
 
 
-def _node(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
-    if not _known(snap, query.datacenter, query.peer, query.partition):
+def _node(query: Query, qtype: int, snap: Snapshot, s: Settings,
+          trace: Trace | None) -> Answer:
+    if not _known(snap, query.datacenter, query.peer, query.partition, trace):
         return nxdomain(s, snap, query.domain, "node")
     peer = query.peer or ""
     dc = "" if peer else (query.datacenter or s.local_dc)
     node = snap.node(peer, dc, query.partition or s.partition, query.name)
+    if trace is not None:
+        where = f"peer {peer}" if peer else f"datacenter {dc}"
+        where += f", partition {query.partition or s.partition}"
+        trace.note(f"no node {query.name!r} in {where}" if node is None else
+                   f"node {node.name} in {where}: address {node.address}, health {node.health} "
+                   "(a node answers whatever its health)")
+        trace.ttl_setting = "dns.node_ttl"
     if node is None:
         return nxdomain(s, snap, query.domain, "node")
     return node_answer(node, qtype, snap, s, query.domain)
@@ -454,12 +538,20 @@ def node_answer(node: NodeRecord, qtype: int, snap: Snapshot, s: Settings,
     return answer
 
 
-def _virtual(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
-    if not _known(snap, None, query.peer, query.partition):
+def _virtual(query: Query, qtype: int, snap: Snapshot, s: Settings,
+             trace: Trace | None) -> Answer:
+    if not _known(snap, None, query.peer, query.partition, trace):
         return nxdomain(s, snap, query.domain, "virtual")
     key = (query.peer or "", query.partition or s.partition, query.namespace or "default",
            query.name)
     ip = snap.vips.get(key)
+    if trace is not None:
+        where = (f"peer {key[0]}, " if key[0] else "") + f"partition {key[1]}, namespace {key[2]}"
+        trace.note(f"virtual IP of {query.name} ({where}): {ip}" if ip is not None else
+                   f"{query.name} ({where}) has no virtual IP: it is not in the mesh (no "
+                   "connect proxy, not connect-native, not imported) and has no virtual_ips "
+                   "entry")
+        trace.ttl_setting = "dns.node_ttl"
     if ip is None:
         return nxdomain(s, snap, query.domain, "virtual")
     if qtype not in (A, ANY):
@@ -467,9 +559,15 @@ def _virtual(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
     return Answer(answers=[((None, A, s.node_ttl, socket.inet_aton(ip)), ())], kind="virtual")
 
 
-def _addr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _addr(query: Query, qtype: int, snap: Snapshot, s: Settings,
+          trace: Trace | None) -> Answer:
     raw = bytes.fromhex(query.name)
     rtype = A if len(raw) == 4 else AAAA
+    if trace is not None:
+        trace.note(f"{query.name} is the address "
+                   f"{socket.inet_ntop(socket.AF_INET if rtype == A else socket.AF_INET6, raw)}"
+                   " (no catalog look-up)")
+        trace.ttl_setting = "dns.node_ttl"
     rec: Record = (None, rtype, s.node_ttl, raw)
     if qtype in (rtype, ANY):
         return Answer(answers=[(rec, ())], kind="addr")
@@ -478,24 +576,48 @@ def _addr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
     return answer
 
 
-def _prepared(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _prepared(query: Query, qtype: int, snap: Snapshot, s: Settings,
+              trace: Trace | None) -> Answer:
     pq = snap.prepared_queries.get(query.name)
-    if pq is None or not _known(snap, query.datacenter, None, None):
+    if pq is None and trace is not None:
+        trace.note(f"no prepared query named {query.name!r}")
+    if pq is None or not _known(snap, query.datacenter, None, None, trace):
         return nxdomain(s, snap, query.domain, "query")
     dc = query.datacenter or s.local_dc
     source: Locality = ("", dc, pq.partition.lower(), pq.namespace.lower())
-    localities = [source] + _query_failover(pq, source, snap, s)
+    localities = [source] + _query_failover(pq, source, snap, s, trace)
     tags = [t.lower() for t in pq.tags]
     only_passing = pq.only_passing or s.only_passing
     name = pq.service.lower()
+    if trace is not None:
+        trace.note(f"prepared query {pq.name}: service {pq.service}" +
+                   (f", tags {', '.join(pq.tags)}" if pq.tags else "") +
+                   (", only_passing" if pq.only_passing else ""))
+        trace.whys.setdefault(source, f"the prepared query's own datacenter {dc}")
+        why_passing = "the prepared query's only_passing" if pq.only_passing else \
+            "dns.only_passing"
     for loc in dict.fromkeys(localities):
         group = snap.services.get((*loc, name))
         if group is None:
+            if trace is not None:
+                trace.look(loc, name, (), (), only_passing=only_passing,
+                           only_passing_from=why_passing)
             continue
         found = [i for i in group.healthy(only_passing) if _tags_match(i.tags, tags)]
+        if trace is not None:
+            trace.look(loc, name, group.usable + group.unusable, tuple(found),
+                       tags=tuple(tags), only_passing=only_passing,
+                       only_passing_from=why_passing)
         if found:
             ttl = int(pq.ttl) if pq.ttl is not None else s.service_ttl(name)
+            if trace is not None:
+                rule = s.service_ttl_rule(name)
+                trace.ttl_setting = f"prepared query {pq.name}: ttl" if pq.ttl is not None \
+                    else f"dns.service_ttl[{rule!r}]" if rule is not None else \
+                    "no ttl on the prepared query and no dns.service_ttl entry matches: 0"
             return instance_answer(found, qtype, ttl, s, snap, query.domain, "query")
+    if trace is not None:
+        trace.note("no healthy instance in any locality tried: NXDOMAIN")
     return nxdomain(s, snap, query.domain, "query")
 
 
@@ -503,7 +625,8 @@ def _tags_match(have: frozenset[str], wanted: list[str]) -> bool:
     return all((t[1:] not in have) if t.startswith("!") else (t in have) for t in wanted)
 
 
-def _query_failover(pq: Any, source: Locality, snap: Snapshot, s: Settings) -> list[Locality]:
+def _query_failover(pq: Any, source: Locality, snap: Snapshot, s: Settings,
+                    trace: Trace | None = None) -> list[Locality]:
     f = pq.failover
     dc = source[1]
     out: list[Locality] = []
@@ -513,14 +636,35 @@ def _query_failover(pq: Any, source: Locality, snap: Snapshot, s: Settings) -> l
         others = sorted((d for d in snap.datacenters if d != dc),
                         key=lambda d: (snap.rtt.get((dc, d), inf), d))
         out += [("", d, source[2], source[3]) for d in others[: f.nearest_n]]
-    out += [("", d.lower(), source[2], source[3]) for d in f.datacenters
-            if d.lower() in snap.datacenters]
-    out += [_target_locality(t, source, s) for t in f.targets]
-    return out
+        if trace is not None:
+            trace.plan([(loc, f"prepared-query failover: nearest_n {i} of {f.nearest_n} "
+                              f"(datacenter {loc[1]}, rtt " + (
+                                  f"{snap.rtt[(dc, loc[1])] * 1000:g} ms)"
+                                  if (dc, loc[1]) in snap.rtt else "unknown)"))
+                        for i, loc in enumerate(out, 1)])
+    listed = [("", d.lower(), source[2], source[3]) for d in f.datacenters
+              if d.lower() in snap.datacenters]
+    targets = [_target_locality(t, source, s) for t in f.targets]
+    if trace is not None:
+        trace.plan([(loc, f"prepared-query failover: datacenters entry {i} of "
+                          f"{len(f.datacenters)} ({loc[1]})") for i, loc in enumerate(listed, 1)]
+                   + [(loc, f"prepared-query failover: targets entry {i} of {len(targets)}")
+                      for i, loc in enumerate(targets, 1)])
+        for d in f.datacenters:
+            if d.lower() not in snap.datacenters:
+                trace.note(f"prepared-query failover datacenter {d!r} is not in the catalog: "
+                           "skipped")
+    return out + listed + targets
 
 
-def _ptr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
+def _ptr(query: Query, qtype: int, snap: Snapshot, s: Settings,
+         trace: Trace | None = None) -> Answer:
     labels = snap.ptr.get(query.name)
+    if trace is not None:
+        trace.note(f"{query.name} is not a node, service or virtual IP address in the catalog"
+                   if labels is None else f"{query.name} is {'.'.join(labels)}.{s.domain}. "
+                   "(nodes first, then service addresses, then virtual IPs)")
+        trace.ttl_setting = "fixed: PTR answers have TTL 0"
     if labels is None:
         return nxdomain(s, snap, s.domain, "ptr")
     if qtype not in (PTR, ANY):
@@ -529,7 +673,7 @@ def _ptr(query: Query, qtype: int, snap: Snapshot, s: Settings) -> Answer:
     return Answer(answers=[((None, PTR, 0, target), ())], kind="ptr")
 
 
-_HANDLERS: dict[str, Callable[[Query, int, Snapshot, Settings], Answer]] = {
+_HANDLERS: dict[str, Callable[[Query, int, Snapshot, Settings, Any], Answer]] = {
     "service": _service,
     "connect": _service,
     "ingress": _service,

@@ -13,6 +13,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
+from typing import TYPE_CHECKING
 
 from .catalog.snapshot import Snapshot
 from .catalog.source import EVERYTHING, Change
@@ -20,7 +21,8 @@ from .config import Config
 from .fastpath import address_reply, service_addresses
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
-from .resolve import NOERROR, REFUSED, SERVFAIL, Answer, Settings, nxdomain, resolve
+from .resolve import NOERROR, NXDOMAIN, REFUSED, SERVFAIL, Answer, Settings, nxdomain, resolve
+from .topnames import TopNames
 from .wire import (
     CLASS_ANY,
     CLASS_IN,
@@ -34,6 +36,9 @@ from .wire import (
     plain_reply,
     reply_flags,
 )
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 MAX_ORDERS = 16  # distinct answer orders kept per cached reply
 REBUILD_AFTER = 4096  # hits before a cached reply is rebuilt with fresh random orders
@@ -69,6 +74,8 @@ class Responder:
         self.udp_cache: dict[bytes, Cached] = {}
         self.tcp_cache: dict[bytes, Cached] = {}
         self._random = random.Random()
+        # the most asked NXDOMAIN names (the status page): fed on the miss path only
+        self.nxdomains = TopNames()
 
     def swap(self, snapshot: Snapshot, change: Change = EVERYTHING) -> None:
         """Serve ``snapshot`` from now on (one assignment; cached replies are dropped).
@@ -173,6 +180,8 @@ class Responder:
         # Only the query's bytes are kept for that: objects here would be walked by every
         # garbage collection while they sit in the cache.
         self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
+        if answer.rcode == NXDOMAIN:
+            self.nxdomains.seen(question.name, cache, key)
         return data[:2] + reply[2:]
 
     def _respond_with_addresses(self, question: Question, addresses: list[bytes], data: bytes,
@@ -195,29 +204,35 @@ class Responder:
         self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
         return data[:2] + reply[2:]
 
-    def answer(self, question: Question) -> tuple[Answer | None, bool]:
+    def answer(self, question: Question,
+               trace: Trace | None = None) -> tuple[Answer | None, bool]:
         """Resolve a parsed question: (answer, False), (None, True) to forward, or (None, False)
-        when it is not ours to answer."""
+        when it is not ours to answer. ``trace``: record why (explain.py; None on the packet
+        path)."""
         if question.qclass not in (CLASS_IN, CLASS_ANY):
             return None, False
         labels = question.labels
         index = split_domain(labels, self.domain_labels)
         if index < 0:
             if labels[-1:] == ("arpa",):
-                return self._reverse(question)
+                return self._reverse(question, trace)
             return None, self.recursion
         domain = self.domain_names[index]
-        query = parse(labels[: len(labels) - len(self.domain_labels[index])], domain)
-        return resolve(query, question.qtype, self.snapshot, self.settings), False
+        query = parse(labels[: len(labels) - len(self.domain_labels[index])], domain, trace)
+        return resolve(query, question.qtype, self.snapshot, self.settings, trace), False
 
-    def _reverse(self, question: Question) -> tuple[Answer | None, bool]:
+    def _reverse(self, question: Question,
+                 trace: Trace | None = None) -> tuple[Answer | None, bool]:
         ip = parse_reverse(question.labels)
         snap = self.snapshot
         if ip is not None and ip in snap.ptr:
             query = Query("ptr", self.config.domain, ip)
-            return resolve(query, question.qtype, snap, self.settings), False
+            return resolve(query, question.qtype, snap, self.settings, trace), False
         if self.recursion:
             return None, True
+        if trace is not None:
+            trace.note("not a reverse name of an IP address" if ip is None else
+                       f"{ip} is not a node, service or virtual IP address in the catalog")
         return nxdomain(self.settings, snap, self.config.domain, "ptr"), False
 
     def _all_orders(self, data: bytes, tcp: bool) -> tuple[bytes, ...]:
@@ -232,6 +247,11 @@ class Responder:
         n = min(count, MAX_ORDERS)
         orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
         return tuple(reply[2:] for reply in self._render(question, answer, tcp, orders))
+
+    def render(self, question: Question, answer: Answer, tcp: bool) -> bytes:
+        """The reply (ID 0) the server sends for ``answer``, records in resolution order: what
+        ``meshdns explain`` shows (the packet path only reorders the same records)."""
+        return self._render(question, answer, tcp, [None])[0]
 
     def _render(self, question: Question, answer: Answer, tcp: bool,
                 orders: list[list[int] | None]) -> list[bytes]:

@@ -96,6 +96,9 @@ class InstanceSet(NamedTuple):
 
     usable: tuple[Instance, ...]  # not critical, not in maintenance
     passing: tuple[Instance, ...]  # passing only (for only_passing)
+    # critical or in maintenance: never answered, kept so `meshdns explain` and the status
+    # page can say why an instance is missing
+    unusable: tuple[Instance, ...] = ()
 
     def healthy(self, only_passing: bool) -> tuple[Instance, ...]:
         return self.passing if only_passing else self.usable
@@ -150,6 +153,7 @@ def _set(items: Iterable[Instance]) -> InstanceSet:
     return InstanceSet(
         tuple(i for i in items if i.status in USABLE),
         tuple(i for i in items if i.status == "passing"),
+        tuple(i for i in items if i.status not in USABLE),
     )
 
 
