@@ -180,12 +180,12 @@ def resolve(query: Query, qtype: int, snap: Snapshot, s: Settings,
     domain = query.domain
     if trace is not None:
         trace.query = query
+        if qtype in (SOA, NS) and query.kind != "ptr":
+            trace.note(f"{'SOA' if qtype == SOA else 'NS'} is answered for any name under the "
+                       "domain")
+            trace.ttl_setting = "dns.soa.min_ttl" if qtype == SOA else "dns.node_ttl"
     if query.kind == "ptr":
         return _ptr(query, qtype, snap, s, trace)
-    if trace is not None and qtype in (SOA, NS):
-        trace.note(f"{'SOA' if qtype == SOA else 'NS'} is answered for any name under the "
-                   "domain")
-        trace.ttl_setting = "dns.soa.min_ttl" if qtype == SOA else "dns.node_ttl"
     if qtype == SOA:
         ns, glue = _ns_records(s, domain)
         return Answer(answers=[(soa_record(s, snap, domain), ())], authority=[ns],
@@ -237,16 +237,17 @@ Locality = tuple[str, str, str, str]  # (peer, datacenter, partition, namespace)
 
 def _known(snap: Snapshot, dc: str | None, peer: str | None, partition: str | None,
            trace: Trace | None = None) -> bool:
-    known = ((dc is None or dc in snap.datacenters) and (peer is None or peer in snap.peers)
-             and (partition is None or partition in snap.partitions))
-    if not known and trace is not None:
+    if ((dc is None or dc in snap.datacenters) and (peer is None or peer in snap.peers)
+            and (partition is None or partition in snap.partitions)):
+        return True
+    if trace is not None:
         for what, value, names in (("datacenter", dc, snap.datacenters),
                                    ("peer", peer, snap.peers),
                                    ("partition", partition, snap.partitions)):
             if value is not None and value not in names:
                 trace.note(f"unknown {what} {value!r} (the catalog has: "
                            f"{', '.join(sorted(names)) or 'none'})")
-    return known
+    return False
 
 
 def _primary(query: Query, s: Settings) -> Locality:
