@@ -226,8 +226,6 @@ def render_page(view: dict[str, Any]) -> str:
 
     src = view["source"]
     rows = [["kind", e(src["kind"])]]
-    if src.get("path"):
-        rows.append(["file", e(src["path"])])
     rows += [["serving", "<span class=ok>yes</span>" if src["serving"] else
               "<span class=bad>no: SERVFAIL</span>"],
              ["last good read", _when(src.get("last_success"), now)],
@@ -237,11 +235,14 @@ def render_page(view: dict[str, Any]) -> str:
                      f"since {_when(src.get('failing_since'), now)})"])
     else:
         rows.append(["last error", "none"])
+    rows.append(["updates refused", str(src["errors"])])
     for key, value in src.get("detail", {}).items():
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             head = sorted({k for v in value for k in v})
             cells = [[e(str(v.get(k, ""))) for k in head] for v in value[:SHOWN]]
             rows.append([e(key), _table([e(h) for h in head], cells)])
+        elif isinstance(value, dict):
+            rows.append([e(key), e(", ".join(f"{k} {v}" for k, v in value.items()))])
         else:
             rows.append([e(key), e(str(value))])
     parts.append("<section id=source><h2>Catalog source</h2>" +
@@ -351,26 +352,14 @@ class StatusPage:
         return self._rates
 
     def source(self) -> dict[str, Any]:
-        """Where the catalog comes from and how fresh it is: the source's ``state`` when the
-        server has a source (catalog/source.py), else the file reload fields."""
-        server = self.server
-        source = getattr(server, "source", None)
-        state = getattr(source, "state", None)
-        if state is not None:
-            out = {"kind": state.kind, "serving": state.serving, "ready": state.ready,
-                   "last_error": state.last_error, "failing_since": state.failing_since,
-                   "last_success": state.last_success, "detail": dict(state.detail)}
-            path = getattr(source, "path", None)
-            if path is not None:
-                out["path"] = str(path)
-            return out
-        path = getattr(server, "catalog_path", None)
-        return {"kind": "file", "path": str(path) if path else None, "serving": True,
-                "ready": True, "last_error": getattr(server, "last_reload_error", None),
-                "failing_since": getattr(server, "reload_failing_since", None),
-                "last_success": server.snapshot.loaded_at,
-                "detail": {"reloads": server.metrics.reloads,
-                           "reloads refused": server.metrics.reload_errors}}
+        """Where the catalog comes from and how fresh it is: the source's ``state``
+        (catalog/source.py; its ``detail`` holds the file and generation, or Consul's
+        watches)."""
+        state = self.server.state
+        return {"kind": state.kind, "serving": state.serving, "ready": state.ready,
+                "last_error": state.last_error, "failing_since": state.failing_since,
+                "last_success": state.last_success, "errors": state.errors,
+                "detail": dict(state.detail)}
 
     async def page(self, request: web.Request) -> web.Response:
         name = request.query.get("name", "")
