@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
 
     explain = sub.add_parser("explain", help="say why a name gets the answer it gets")
-    explain.add_argument("name")
-    explain.add_argument("type", nargs="?", default="A")
+    explain.add_argument("name", help="the name to explain, e.g. payments.service.consul")
+    explain.add_argument("type", nargs="?", default="A", help="record type (default: A)")
     explain.add_argument("--config", help="server config (YAML)")
     explain.add_argument("--catalog", help="catalog file (YAML or JSON); overrides the config")
     explain.add_argument("--server", metavar="ADMIN_URL",
