@@ -55,26 +55,55 @@ def record_type(text: str | int) -> int:
 def query_packet(name: str, qtype: int) -> bytes:
     """A query for ``name`` as a resolver would send it: RD set, no EDNS, class IN, ID 0.
 
-    Each character becomes one byte when it can (latin-1, as the server decodes names it
-    cannot read as ASCII), else its UTF-8 bytes."""
-    text = name[:-1] if name.endswith(".") else name
+    ``name`` is in presentation format, as dig takes it: ``\\.`` is a dot inside a label and
+    ``\\DDD`` the byte DDD (what the status page shows for bytes that are not printable).
+    Other characters become one byte when they can (latin-1, as the server decodes names it
+    cannot read as ASCII), else their UTF-8 bytes."""
+    labels = _labels(name)
     out = bytearray(struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0))
-    if text:
-        for label in text.split("."):
-            try:
-                raw = label.encode("latin-1")
-            except UnicodeEncodeError:
-                raw = label.encode("utf-8")
-            if not raw:
-                raise ExplainError(f"{name!r} has an empty label")
-            if len(raw) > 63:
-                raise ExplainError(f"a label of {name!r} is longer than 63 bytes")
-            out.append(len(raw))
-            out += raw
+    for raw in labels:
+        if not raw:
+            raise ExplainError(f"{name!r} has an empty label")
+        if len(raw) > 63:
+            raise ExplainError(f"a label of {name!r} is longer than 63 bytes")
+        out.append(len(raw))
+        out += raw
     out.append(0)
     if len(out) - 12 > 255:
         raise ExplainError(f"{name!r} is longer than 255 bytes")
     return bytes(out + struct.pack("!HH", qtype, 1))
+
+
+def _labels(name: str) -> list[bytes]:
+    """The labels of a presentation-format name (a final dot, or none, ends it)."""
+    labels: list[bytes] = []
+    label = bytearray()
+    i, n = 0, len(name)
+    while i < n:
+        ch = name[i]
+        if ch == "\\" and i + 1 < n:
+            digits = name[i + 1:i + 4]
+            if len(digits) == 3 and digits.isdigit() and int(digits) < 256:
+                label.append(int(digits))
+                i += 4
+                continue
+            ch = name[i + 1]
+            i += 1
+        elif ch == ".":
+            labels.append(bytes(label))
+            label = bytearray()
+            i += 1
+            continue
+        try:
+            label += ch.encode("latin-1")
+        except UnicodeEncodeError:
+            label += ch.encode("utf-8", "replace")
+        i += 1
+    if label or not labels:
+        labels.append(bytes(label))
+    if labels == [b""]:  # the root, or an empty name
+        return []
+    return labels
 
 
 def explain(responder: Responder, name: str, qtype: str | int = "A") -> dict[str, Any]:

@@ -214,7 +214,7 @@ def render_page(view: dict[str, Any]) -> str:
                       for t in _TYPES)
     parts.append("<section id=explain><h2>Explain a name</h2><form method=get action='/'>"
                  f"<input type=text name=name id=name placeholder='payments.service.consul' "
-                 f"value='{html.escape(form['name'], quote=True)}' aria-label=name>"
+                 f"value='{shown(form['name'])}' aria-label=name>"
                  f"<select name=type id=type aria-label=type>{options}</select>"
                  "<button type=submit id=run>Explain</button></form>")
     if form["error"]:
