@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .catalog.snapshot import Snapshot
 from .catalog.source import EVERYTHING, Change
@@ -52,6 +52,17 @@ class Forward:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """A prepared query to execute in Consul first (the server does the I/O, then answers the
+    packet again from the held result)."""
+
+    question: Question
+    data: bytes
+    name: str
+    datacenter: str
+
+
 class Responder:
     """Answers packets from the current snapshot; swap a new one in with ``swap``."""
 
@@ -71,6 +82,9 @@ class Responder:
         # False while the source has nothing to serve (no data yet, or too stale): questions in
         # the domain get SERVFAIL, never cached, so the first good snapshot answers at once
         self.serving = True
+        # Consul mode: prepared queries are executed by Consul and held here (catalog/consul/
+        # queries.py); None: answered from the snapshot's own definitions (the file source)
+        self.prepared: Any = None
         self.udp_cache: dict[bytes, Cached] = {}
         self.tcp_cache: dict[bytes, Cached] = {}
         self._random = random.Random()
@@ -157,6 +171,8 @@ class Responder:
         if addresses is not None:
             return self._respond_with_addresses(question, addresses, data, tcp, cache, key)
         answer, forward = self.answer(question)
+        if isinstance(answer, Execute):
+            return Execute(question, data, answer.name, answer.datacenter)
         if forward:
             metrics.queries[("recursor", "forwarded", transport)] += 1
             return Forward(question, data)
@@ -178,8 +194,10 @@ class Responder:
             metrics.truncated += 1
         # One order now; the others only if the question comes again (the cold path pays once).
         # Only the query's bytes are kept for that: objects here would be walked by every
-        # garbage collection while they sit in the cache.
-        self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
+        # garbage collection while they sit in the cache. (Results Consul executed are held
+        # for their own TTL by ``prepared``, not here.)
+        if answer.kind != "query" or self.prepared is None:
+            self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
         if answer.rcode == NXDOMAIN:
             self.nxdomains.seen(question.name, cache, key)
         return data[:2] + reply[2:]
@@ -205,10 +223,10 @@ class Responder:
         return data[:2] + reply[2:]
 
     def answer(self, question: Question,
-               trace: Trace | None = None) -> tuple[Answer | None, bool]:
-        """Resolve a parsed question: (answer, False), (None, True) to forward, or (None, False)
-        when it is not ours to answer. ``trace``: record why (explain.py; None on the packet
-        path)."""
+               trace: Trace | None = None) -> tuple[Answer | Execute | None, bool]:
+        """Resolve a parsed question: (answer, False), (None, True) to forward, (Execute, False)
+        for a prepared query Consul must execute first, or (None, False) when it is not ours
+        to answer. ``trace``: record why (explain.py; None on the packet path)."""
         if question.qclass not in (CLASS_IN, CLASS_ANY):
             return None, False
         labels = question.labels
@@ -219,6 +237,11 @@ class Responder:
             return None, self.recursion
         domain = self.domain_names[index]
         query = parse(labels[: len(labels) - len(self.domain_labels[index])], domain, trace)
+        if query.kind == "query" and self.prepared is not None:
+            held = self.prepared.answer(query, question.qtype, self.snapshot, self.settings)
+            if held is None:
+                return Execute(question, b"", *self.prepared.key(query, self.settings)), False
+            return held, False
         return resolve(query, question.qtype, self.snapshot, self.settings, trace), False
 
     def _reverse(self, question: Question,
@@ -294,4 +317,4 @@ class Cached:
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                 5: "REFUSED", 16: "BADVERS"}
 
-__all__ = ["Cached", "Forward", "Responder"]
+__all__ = ["Cached", "Execute", "Forward", "Responder"]

@@ -21,7 +21,7 @@ from .catalog.source import CatalogSource, Change, SourceState
 from .config import Config
 from .metrics import Metrics
 from .offload import in_thread
-from .responder import REBUILD_AFTER, Forward, Responder
+from .responder import REBUILD_AFTER, Execute, Forward, Responder
 from .wire import plain_reply
 
 log = logging.getLogger("meshdns")
@@ -76,6 +76,9 @@ class UdpProtocol(asyncio.DatagramProtocol):
             return
         if isinstance(reply, Forward):
             self.server.start_forward(reply, False, self._send(addr))
+            return
+        if isinstance(reply, Execute):
+            self.server.start_execute(reply, False, self._send(addr))
             return
         self.transport.sendto(reply, addr)  # type: ignore[union-attr]
         if started:
@@ -137,6 +140,9 @@ class TcpProtocol(asyncio.Protocol):
             if isinstance(reply, Forward):
                 self.server.start_forward(reply, True, self._write)
                 continue
+            if isinstance(reply, Execute):
+                self.server.start_execute(reply, True, self._write)
+                continue
             self._write(reply)
             self.server.metrics.observe(time.perf_counter() - start)
 
@@ -156,6 +162,8 @@ class DnsServer:
         self.metrics = Metrics()
         self.responder = Responder(config, empty_snapshot(config.datacenter), self.metrics)
         self.responder.serving = False  # no data yet
+        # a source that executes prepared queries itself (Consul) answers them
+        self.responder.prepared = getattr(source, "prepared", None)
         self.transports: list[asyncio.BaseTransport] = []
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: set[TcpProtocol] = set()
@@ -218,6 +226,22 @@ class DnsServer:
 
     def start_forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         self._keep(asyncio.ensure_future(self.forward(item, tcp, send)))
+
+    def start_execute(self, item: Execute, tcp: bool, send: Callable[[bytes], None]) -> None:
+        self._keep(asyncio.ensure_future(self.execute(item, tcp, send)))
+
+    async def execute(self, item: Execute, tcp: bool, send: Callable[[bytes], None]) -> None:
+        """A prepared query Consul executes (Consul mode): await the result, answer again."""
+        prepared = self.responder.prepared
+        ok = False
+        try:
+            ok = await prepared.execute(item.name, item.datacenter)
+        except Exception:  # never lose a query to a bug: SERVFAIL it
+            log.exception("internal error executing prepared query %s", item.name)
+        reply = self.responder.respond(item.data, tcp) if ok else None
+        if not isinstance(reply, bytes):
+            reply = plain_reply(item.question, 2, self.responder.recursion)
+        send(reply)
 
     def _keep(self, task: asyncio.Future[None]) -> None:
         self._tasks.add(task)

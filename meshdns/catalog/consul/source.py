@@ -49,6 +49,7 @@ from ..source import EVERYTHING, Change, Publish, SourceState
 from . import mapping
 from .client import ConsulClient, ConsulError, fetch_pool_size
 from .mapping import Malformed, Scope
+from .queries import PreparedQueries
 from .watch import Backoff, Watch, WatchStats
 
 log = logging.getLogger("meshdns.consul")
@@ -90,6 +91,7 @@ class ConsulCatalogSource:
         self.snapshot: Snapshot = empty_snapshot(config.datacenter)
         self.local_dc = (self.settings.datacenter or config.datacenter).lower()
         self.client: ConsulClient | None = None
+        self.prepared = PreparedQueries(self)  # the server hands it to the responder
         self.scopes: dict[Scope, ScopeWatch] = {}
         self.node_watches: dict[tuple[str, str], tuple[asyncio.Task[None], Watch]] = {}
         self.config_watches: dict[str, list[tuple[asyncio.Task[None], Watch]]] = {}
@@ -706,6 +708,12 @@ class ConsulCatalogSource:
              [("", sum(w.stats.no_change for w in watches))]),
             ("meshdns_consul_fetches_total", "counter",
              "Services re-read after a change.", [("", self.fetches)]),
+            ("meshdns_consul_query_executions_total", "counter",
+             "Prepared queries executed in Consul (results are held for their DNS TTL).",
+             [("", self.prepared.executions)]),
+            ("meshdns_consul_query_failures_total", "counter",
+             "Prepared-query executions that failed (answered SERVFAIL).",
+             [("", self.prepared.failures)]),
         ]
 
 
