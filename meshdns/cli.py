@@ -153,8 +153,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config, catalog = _settings(args)
+    if catalog is None and config.catalog.consul is not None:
+        from .catalog.consul.check import check_consul
+
+        print(f"config: {args.config or '(defaults)'}: ok (domain {config.domain}, "
+              f"datacenter {config.datacenter}, listen {', '.join(config.listen)})")
+        return asyncio.run(check_consul(config))
     source = source_for(config, catalog)
-    assert isinstance(source, FileSource)  # the Consul source's check comes with it
+    assert isinstance(source, FileSource)
     snapshot = source.load()
     c = snapshot.counts
     print(f"config: {args.config or '(defaults)'}: ok (domain {config.domain}, "

@@ -78,6 +78,7 @@ class Reply:
     raw: bytes  # the body as sent (compared to tell a wake-up with no change)
     index: int  # X-Consul-Index; 0 when the endpoint does not block
     known_leader: bool
+    filtered: bool = False  # X-Consul-Results-Filtered-By-ACLs: the token hid some results
 
 
 class Limiter:
@@ -138,6 +139,7 @@ class ConsulClient:
         self._token_path = self._path(settings.token_file) if settings.token_file else None
         self._token = settings.token
         self._token_signature: tuple[int, int] | None = None
+        self._filtered_logged: set[str] = set()
         address = settings.address
         if address.startswith("unix://"):
             self._base = "http://consul"
@@ -254,12 +256,19 @@ class ConsulClient:
             raise ConsulError(path, -1, f"malformed JSON ({exc}): update skipped, keeping "
                               "the last good data") from None
         limiter.succeeded()
+        filtered = resp_headers.get("X-Consul-Results-Filtered-By-ACLs") == "true"
+        if filtered:
+            kind = "/v1/health/service/" if path.startswith("/v1/health/service/") else path
+            if kind not in self._filtered_logged:
+                self._filtered_logged.add(kind)
+                log.warning("consul %s: some results hidden by ACLs: the token lacks %s for "
+                            "them (their names will not resolve)", kind, permission_for(path))
         try:
             reply_index = int(resp_headers.get("X-Consul-Index", "0"))
         except ValueError:
             reply_index = 0
         return Reply(body, raw, max(0, reply_index),
-                     resp_headers.get("X-Consul-KnownLeader", "true") != "false")
+                     resp_headers.get("X-Consul-KnownLeader", "true") != "false", filtered)
 
     async def close(self) -> None:
         await self._session.close()
