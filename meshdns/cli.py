@@ -20,15 +20,23 @@ from .errors import ConfigError
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per line: time, level, message (and the traceback, if any)."""
+    """One JSON object per line: time, level, message (and the traceback, if any); with
+    several workers, the worker's number and pid."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
+            entry["pid"] = record.process
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -49,9 +57,11 @@ def version() -> str:
         return "unknown"
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, worker: int | None = None) -> None:
+    """JSON lines on stderr; with ``worker`` (``workers: N``), each line names the worker and
+    its pid, so the processes' lines can be told apart."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
+    handler.setFormatter(JsonLines(worker))
     root = logging.getLogger("meshdns")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -117,21 +127,32 @@ def config_line(file: str, *path: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .workers import die_with_supervisor, is_worker, load_for_worker, worker_number
+
+    if is_worker():
+        die_with_supervisor()
     try:
         config, catalog = _settings(args)
     except ConfigError as exc:
         log_problems(exc.problems)
         return 1
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, worker_number(config))
     log = logging.getLogger("meshdns")
-    if catalog == example_catalog_path():
+    if catalog == example_catalog_path() and not is_worker():
         log.warning("serving the example catalog shipped with meshdns (%s), not your services: "
                     "%s", catalog, "asked for with --example" if args.example else
                     "no --config or --catalog given")
     try:
         source = source_for(config, catalog)
         if isinstance(source, FileSource):  # a broken file at start-up is an error, not a wait
-            snapshot = source.load()
+            try:
+                snapshot = source.load()
+            except ConfigError as exc:
+                # a worker restarted while the file is broken serves the supervisor's last good
+                fallback = load_for_worker(source, exc.problems) if is_worker() else None
+                if fallback is None:
+                    raise
+                snapshot = fallback
             log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
                      snapshot.counts["nodes"], snapshot.counts["instances"],
                      snapshot.counts["virtual_ips"])
@@ -139,15 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_problems(exc.problems)
         return 1
     from .server import install_uvloop, run
-    from .workers import is_worker, serve_workers
+    from .workers import serve_worker, serve_workers
 
     try:
-        if config.workers > 1 and not is_worker():
+        if is_worker():
+            return serve_worker(config, source)
+        if config.workers > 1:
             return serve_workers(config, source, args.config)
         log.debug("event loop: %s", install_uvloop())
-        return asyncio.run(run(config, source, reuse_port=is_worker()))
+        return asyncio.run(run(config, source))
     except OSError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc.strerror or exc)  # no "[Errno 98]": the message says it
         return 1
 
 

@@ -270,6 +270,7 @@ class FileSource:
         self.snapshot: Snapshot | None = None  # the last good one
         self._publish: Publish | None = None
         self._seen: Signature | None = None  # the version of the file last read, good or bad
+        self.accepted: Signature | None = None  # the version the last good snapshot came from
         self._retry_at: float | None = None  # monotonic: read again then, even unchanged
         self._backoff = RETRY_FIRST
         self._busy = False  # a read in flight
@@ -284,6 +285,15 @@ class FileSource:
         snapshot = self._build(None, yielding=False)
         self._accept(snapshot, signature)
         return snapshot
+
+    def adopt(self, snapshot: Snapshot, problems: list[str]) -> None:
+        """Serve ``snapshot``, read from another copy of this catalog (a restarted worker gets
+        its supervisor's last good one), while the file itself, as it is now, is refused for
+        ``problems``: it is read again when it changes."""
+        signature = file_signature(self.path)
+        self._accept(snapshot, signature)
+        self.accepted = None  # the file's current version is not what is served
+        self._refuse(problems, signature, retry=False)
 
     def _build(self, previous: Snapshot | None, yielding: bool) -> Snapshot:
         """File to snapshot, whatever goes wrong turned into a ``ConfigError`` naming the file
@@ -308,7 +318,7 @@ class FileSource:
     def _accept(self, snapshot: Snapshot, signature: Signature | None) -> None:
         recovered = self.state.failing_since
         self.snapshot = snapshot
-        self._seen = signature
+        self._seen = self.accepted = signature
         self._retry_at = None
         self._backoff = RETRY_FIRST
         state = self.state
