@@ -20,7 +20,7 @@ from ..documents import Document, problems_from, read_document, real_path, valid
 from ..errors import ConfigError
 from ..offload import in_thread
 from .model import Catalog, CatalogFile
-from .snapshot import CatalogProblems, Snapshot, build_snapshot
+from .snapshot import CatalogProblems, Snapshot, build_snapshot, release_free_memory
 from .source import EVERYTHING, Publish, SourceState
 
 log = logging.getLogger("meshdns")
@@ -219,7 +219,7 @@ def load_snapshot(
         try:
             return build_snapshot(
                 catalog, local_datacenter=local_datacenter, vip_range=vip_range,
-                previous=previous, version=version,
+                previous=previous, version=version, yielding=yielding,
             )
         except CatalogProblems as exc:
             doc = doc or read_document(path, _text(path, raw))
@@ -233,6 +233,7 @@ def load_snapshot(
             # instances, during which no query is answered).
             gc.freeze()
             gc.enable()
+        release_free_memory()  # what the parse left behind (see release_free_memory)
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:

@@ -10,12 +10,13 @@ services live under their peer, local and WAN-federated ones under their datacen
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import ipaddress
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -164,8 +165,12 @@ def build_snapshot(
     vip_range: str = "240.0.0.0/4",
     previous: Snapshot | None = None,
     version: float | None = None,
+    yielding: bool = False,
 ) -> Snapshot:
-    """Index a validated catalog. Raises ``CatalogProblems`` for references that do not hold."""
+    """Index a validated catalog. Raises ``CatalogProblems`` for references that do not hold.
+
+    ``yielding``: built in a thread beside a serving event loop, so free the build's scaffolding
+    piece by piece (a bytecode boundary between pieces lets the loop take the GIL)."""
     problems: list[Problem] = []
     local_dc = local_datacenter.lower()
 
@@ -194,6 +199,12 @@ def build_snapshot(
     raw_services = catalog.services
     validate_service = Service.__pydantic_validator__.validate_python
     consume = isinstance(catalog, CatalogFile)
+    # One object for each distinct value: a large catalog repeats the same namespace, kind,
+    # health, service name and tag set across instances, and each parsed copy is a new object
+    # (one-tag frozensets alone were a third of a 300,000-instance snapshot).
+    shared: dict[Any, Any] = {}
+    share = shared.setdefault
+    tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
     for i, entry in enumerate(raw_services):
         if isinstance(entry, Service):
             s = entry
@@ -236,14 +247,26 @@ def build_snapshot(
             continue
         seen_ids.add(id_key)
         own = s.address is not None
-        namespace = s.namespace.lower()
+        namespace = share(s.namespace.lower(), s.namespace.lower())
         weights = s.weights
+        tags = s.tags
+        if tags:
+            key_tags = tuple(tags)
+            tag_set = tag_sets.get(key_tags)
+            if tag_set is None:
+                tag_set = tag_sets[key_tags] = frozenset(share(t, t) for t in map(str.lower,
+                                                                                  tags))
+        else:
+            tag_set = _NO_TAGS
+        name = share(s.name, s.name)
         # positional: this runs once per instance (300,000 times for a large catalog)
         inst = Instance(
-            s.name, sid, node, namespace, s.address if own else node.address, own, s.port,
-            frozenset(map(str.lower, s.tags)) if s.tags else _NO_TAGS,
-            s.health if node.health == "passing" else _worst(s.health, node.health),
-            weights.passing, weights.warning, s.kind,
+            name, sid, node, namespace, s.address if own else node.address, own,
+            share(s.port, s.port),
+            tag_set,
+            share(s.health, s.health) if node.health == "passing"
+            else _worst(s.health, node.health),
+            weights.passing, weights.warning, share(s.kind, s.kind),
             s.tagged_addresses if own else node.tagged,
             pack_address(s.address) if own else node.packed,
             s.destination.lower() if s.destination else "", s.connect_native,
@@ -251,8 +274,9 @@ def build_snapshot(
         all_instances.append(inst)
         # index now, so the validated model can be freed before the next one is made
         base = (node.peer, node.datacenter, node.partition, namespace)
+        lower = name.lower()
         groups[(node.peer, node.datacenter, node.partition, namespace,
-                s.name.lower())].append(inst)
+                share(lower, lower))].append(inst)
         if s.kind == "typical" and not s.connect_native:
             continue  # most services: nothing below applies
         if s.kind == "connect-proxy" and s.destination:
@@ -349,8 +373,13 @@ def build_snapshot(
         },
     )
     # Free the build's scaffolding piece by piece (see dismantle): dropped at once, a
-    # 300,000-entry set and dict would stall a serving event loop for ~100 ms.
-    for scaffold in (seen_ids, groups, connect, ingress, by_name, all_instances):
+    # 300,000-entry set and dict would stall a serving event loop for ~100 ms. With no loop
+    # to stall (the first load) it goes at once: one pop a call costs ~0.15 s at that size.
+    for scaffold in (seen_ids, groups, connect, ingress, by_name, all_instances, shared,
+                     tag_sets):
+        if not yielding:
+            scaffold.clear()
+            continue
         pop = scaffold.popitem if isinstance(scaffold, dict) else scaffold.pop
         while scaffold:
             pop()
@@ -385,6 +414,27 @@ def dismantle(snapshot: Snapshot) -> None:
         pop = mapping.popitem  # type: ignore[attr-defined]
         while mapping:
             pop()
+    release_free_memory()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to hand back
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Loading a catalog parses it into short-lived objects first; once they are freed their pages
+    stay in the process (they sit between live allocations, so the heap cannot shrink from its
+    top) and count in its RSS: ~120 MiB for 300,000 instances. Takes a few ms."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 # --- incremental updates ---------------------------------------------------------------------
@@ -714,5 +764,5 @@ def pack_address(address: str | None) -> bytes:
 __all__ = [
     "Applied", "CatalogProblems", "Instance", "InstanceSet", "NodeKey", "NodeRecord",
     "Snapshot", "Update", "apply_update", "build_snapshot", "dismantle", "empty_snapshot",
-    "node_labels", "pack_address", "vip_of",
+    "node_labels", "pack_address", "release_free_memory", "vip_of",
 ]
