@@ -1,6 +1,6 @@
-"""meshdns vs dnsmasq vs unbound (vs a dnslib baseline): one command, one table.
+"""meshdns vs unbound, NSD and dnsmasq (and a dnslib baseline): one command, one table.
 
-    python3 bench/run.py [--quick] [--servers meshdns,dnsmasq,unbound,dnslib]
+    bash bench/run.sh [--quick] [--servers meshdns,unbound,nsd,dnsmasq,dnslib]
                          [--workloads hot,cold,large,large-edns,tcp] [--seconds 10] ...
 
 See bench/README.md. Everything runs on 127.0.0.1: each server pinned to one CPU, dnsperf (and
@@ -33,7 +33,8 @@ import servers as srv
 import zone as zonemod
 
 BENCH_DIR = Path(__file__).resolve().parent
-ALL_SERVERS = ["meshdns", "dnsmasq", "unbound", "dnslib"]
+ALL_SERVERS = ["meshdns", "unbound", "nsd", "dnsmasq", "dnslib"]
+PEERS = ("unbound", "nsd")  # the servers the targets compare meshdns with (unbound first)
 ALL_WORKLOADS = ["hot", "a-only", "cold", "large", "large-edns", "tcp"]
 
 
@@ -47,6 +48,7 @@ class Workload:
     tcp: bool = False
     edns: int = 0
     about: str = ""
+    cpu_rate: int = 40_000  # offered q/s of the fixed-rate CPU pass (cold: 10,000)
 
 
 WORKLOADS = {
@@ -69,6 +71,7 @@ WORKLOADS = {
         ("-n", "1"),
         once=True,
         about="each of N distinct services asked once (A); UDP",
+        cpu_rate=10_000,
     ),
     "large": Workload(
         "large", "large", "small", about="SRV of 20-instance services, no EDNS (512-byte UDP)"
@@ -122,6 +125,14 @@ class Row:
     meshdns_qps_ratio: float | None = None
     meshdns_p99_ratio: float | None = None
     meshdns_qps_per_core_ratio: float | None = None
+    # the fixed-rate pass: server CPU (user + system, /proc) per answered query
+    cpu_us: float | None = None
+    cpu_rate: int | None = None
+    cpu_completed: int | None = None
+    cpu_lost: int | None = None
+    cpu_bg_pct: float | None = None
+    cpu_repeats: list[float] = field(default_factory=list)
+    meshdns_cpu_ratio: float | None = None
 
 
 # --- dnsperf ------------------------------------------------------------------------------------
@@ -298,6 +309,31 @@ def _ms(seconds: float | None) -> float | None:
 # --- one measurement ----------------------------------------------------------------------------
 
 
+def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -> dict:
+    """Server CPU per answered query at a fixed offered rate (wl.cpu_rate, or --cpu-rate):
+    user + system time of the server's process tree from /proc, over dnsperf's run. At equal
+    load this does not depend on the client's own ceiling, so it compares servers fairly."""
+    rate = wl.cpu_rate if wl.once else args.cpu_rate
+    seconds = args.cpu_seconds
+    if wl.once:  # every name once: the file's length sets the duration
+        with open(qfile) as fh:
+            seconds = sum(1 for _ in fh) / rate + args.query_timeout + 1
+    before = _cpu_snapshot(running.pid)
+    stats = dnsperf(args, running.port, qfile, wl, seconds, out, rate=rate)
+    after = _cpu_snapshot(running.pid)
+    background = _cpu_since(before, running.pid)[2]
+    completed = int(stats.get("completed", 0))
+    used = after[1] - before[1]
+    return {
+        "cpu_us": round(used / completed * 1e6, 2) if completed else None,
+        "cpu_rate": rate,
+        "cpu_completed": completed,
+        "cpu_lost": int(stats.get("lost", 0)),
+        "cpu_bg_pct": background,
+    }
+
+
+
 def measure(
     args,
     name: str,
@@ -307,6 +343,7 @@ def measure(
     probes: list[zonemod.Probe],
     opts: srv.Options,
     workdir: Path,
+    cpu_qfile: Path | None = None,
 ) -> Row:
     row = Row(workload=wl.name, server=name, p99_tool=args.p99_tool)
     if name == "meshdns" and args.meshdns_error:
@@ -319,6 +356,22 @@ def measure(
         running = srv.start(name, files, run_dir, opts, ready)
         row.ready_s = round(running.ready_s, 2)
         row.check_problems = srv.check_answers(running, probes)
+        if args.cpu_seconds > 0:
+            cpu_file = cpu_qfile if cpu_qfile is not None else qfile
+            tries = []
+            for n in range(args.cpu_repeat):
+                if n and wl.once:  # a warm server would not be cold any more: afresh
+                    running = _restart(running, row, name, files, run_dir, opts, ready, wl)
+                tries.append(cpu_pass(args, running, cpu_file, wl,
+                                      run_dir / f"dnsperf-cpu-{n}.txt"))
+            good = sorted((t for t in tries if t["cpu_us"] is not None),
+                          key=lambda t: t["cpu_us"])
+            best = good[(len(good) - 1) // 2] if good else tries[0]  # the median
+            for key, value in best.items():
+                setattr(row, key, value)
+            row.cpu_repeats = [t["cpu_us"] for t in tries]
+            if wl.once:
+                running = _restart(running, row, name, files, run_dir, opts, ready, wl)
         before = _cpu_snapshot(running.pid)
         stats = dnsperf(args, running.port, qfile, wl, args.seconds, run_dir / "dnsperf.txt")
         server, client, background = _cpu_since(before, running.pid)
@@ -343,9 +396,7 @@ def measure(
         if row.completed == 0:
             raise RuntimeError("no query completed")
         if wl.once:  # a warm server would not be cold any more: start it afresh
-            row.exit_code = running.stop()
-            row.notes += running.notes
-            running = srv.start(name, files, run_dir, opts, ready)
+            running = _restart(running, row, name, files, run_dir, opts, ready, wl)
         row.p99_rate = max(50, int(row.qps * args.latency_fraction))
         before = _cpu_snapshot(running.pid)
         lat = latency_pass(args, running, qfile, wl, row.p99_rate, run_dir / "latency.txt")
@@ -364,6 +415,16 @@ def measure(
             row.exit_code = code if row.exit_code in (None, 0) else row.exit_code
             row.notes += [n for n in running.notes if n not in row.notes]
     return row
+
+
+def _restart(running: srv.Running, row: Row, name: str, files: srv.ZoneFiles, run_dir: Path,
+             opts: srv.Options, ready, wl: Workload) -> srv.Running:
+    """Stop the server and start a fresh one (a cold workload needs an empty cache)."""
+    code = running.stop()
+    if row.exit_code in (None, 0):
+        row.exit_code = code
+    row.notes += [n for n in running.notes if n not in row.notes]
+    return srv.start(name, files, run_dir, opts, ready)
 
 
 def pick_median(tries: list[Row]) -> Row:
@@ -399,6 +460,8 @@ def add_ratios(rows: list[Row]) -> None:
                 r.meshdns_p99_ratio = round(mesh.p99_ms / r.p99_ms, 2)
             if mesh.qps_per_core and r.qps_per_core:
                 r.meshdns_qps_per_core_ratio = round(mesh.qps_per_core / r.qps_per_core, 2)
+            if mesh.cpu_us and r.cpu_us:
+                r.meshdns_cpu_ratio = round(mesh.cpu_us / r.cpu_us, 2)
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -418,6 +481,9 @@ def table(rows: list[Row]) -> str:
         "qps/core",
         "bg CPU%",
         "RSS MB",
+        "µs/q",
+        "at q/s",
+        "mesh÷ µs/q",
         "mesh÷ qps",
         "mesh÷ qps/core",
         "mesh÷ p99",
@@ -440,6 +506,9 @@ def table(rows: list[Row]) -> str:
                 _f(r.qps_per_core, ",.0f"),
                 _f(max(r.bg_cpu_pct or 0, r.p99_bg_cpu_pct or 0), ".0f"),
                 _f(r.rss_mb, ".1f"),
+                _f(r.cpu_us, ".1f"),
+                _f(r.cpu_rate, ",d"),
+                _f(r.meshdns_cpu_ratio, ".2f") if peer else "",
                 _f(r.meshdns_qps_ratio, ".2f") if peer else "",
                 _f(r.meshdns_qps_per_core_ratio, ".2f") if peer else "",
                 _f(r.meshdns_p99_ratio, ".2f") if peer else "",
@@ -462,6 +531,40 @@ def table(rows: list[Row]) -> str:
         else:
             lines.append(line(next(rows_by_key)))
     return "\n".join(lines)
+
+
+def _row(rows: list[Row], server: str, workload: str) -> Row | None:
+    return next((r for r in rows if r.server == server and r.workload == workload
+                 and not r.error), None)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """Issue 12's targets, each with the figures of this run: meshdns against each peer."""
+    out = []
+    udp = [w for w in dict.fromkeys(r.workload for r in rows) if not WORKLOADS[w].tcp]
+
+    def check(label: str, workload: str, peer: str, attr: str, limit: float,
+              at_most: bool) -> None:
+        mesh, other = _row(rows, "meshdns", workload), _row(rows, peer, workload)
+        if mesh is None or other is None:
+            return
+        a, b = getattr(mesh, attr), getattr(other, attr)
+        if not a or not b:
+            out.append(f"  ?    {label} vs {peer}: no figure")
+            return
+        ratio = a / b
+        ok = ratio <= limit if at_most else ratio >= limit
+        out.append(f"  {'met ' if ok else 'MISS'} {label} vs {peer}: {a:,.2f} / {b:,.2f} = "
+                   f"{ratio:.2f} ({'<=' if at_most else '>='} {limit:g})")
+
+    for peer in PEERS:
+        check("hot CPU µs/query at 40k q/s", "hot", peer, "cpu_us", 1.0, True)
+        check("cold CPU µs/query at 10k q/s", "cold", peer, "cpu_us", 1.3, True)
+        check("cold saturating qps", "cold", peer, "qps", 0.6, False)
+        check("hot saturating qps", "hot", peer, "qps", 0.95, False)
+        for w in udp:
+            check(f"{w} p99 at half rate (ms)", w, peer, "p99_ms", 1.0, True)
+    return out
 
 
 def versions(names: list[str]) -> dict[str, str]:
@@ -488,6 +591,8 @@ def versions(names: list[str]) -> dict[str, str]:
             ),
             "?",
         )
+    if "nsd" in names:
+        out["nsd"] = first_line(["nsd", "-v"])
     if "meshdns" in names:
         try:
             from importlib.metadata import version
@@ -515,7 +620,7 @@ def _dnsperf_version() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="meshdns benchmark against dnsmasq and unbound")
+    p = argparse.ArgumentParser(description="meshdns benchmark against unbound, NSD, dnsmasq")
     p.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
@@ -551,6 +656,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cold-size",
         type=int,
         help="distinct names in the cold workload (default 100000; quick 20000)",
+    )
+    p.add_argument(
+        "--cpu-seconds",
+        type=float,
+        help="length of the fixed-rate CPU pass (default 5; quick 3; 0 skips it)",
+    )
+    p.add_argument(
+        "--cpu-rate",
+        type=int,
+        default=40_000,
+        help="offered q/s of the CPU pass (default 40,000; cold: 10,000 over --cold-cpu-names)",
+    )
+    p.add_argument(
+        "--cold-cpu-names",
+        type=int,
+        default=20_000,
+        help="distinct names in the cold CPU pass, each asked once (default 20,000)",
+    )
+    p.add_argument(
+        "--cpu-repeat",
+        type=int,
+        default=3,
+        help="CPU passes per server x workload; the median is reported (default 3)",
     )
     p.add_argument("--clients", type=int, default=4, help="dnsperf -c (default 4)")
     p.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (default 100)")
@@ -597,6 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
     args.latency_seconds = args.latency_seconds or (2.0 if args.quick else 5.0)
     args.cold_size = args.cold_size or (20_000 if args.quick else 100_000)
+    if args.cpu_seconds is None:
+        args.cpu_seconds = 3.0 if args.quick else 5.0
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for s in args.server_list:
@@ -607,6 +737,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--workloads: unknown workload {w!r} (known: {', '.join(ALL_WORKLOADS)})")
     if args.repeat < 1:
         p.error("--repeat: at least 1")
+    if args.cpu_repeat < 1:
+        p.error("--cpu-repeat: at least 1")
     if not 1 <= args.cold_size <= 1_000_000:
         p.error("--cold-size: between 1 and 1,000,000")
     return args
@@ -617,6 +749,8 @@ def preflight(args) -> None:
     needed |= {"dnsmasq"} & set(args.server_list)
     if "unbound" in args.server_list:
         needed |= {"unbound", "unbound-checkconf"}
+    if "nsd" in args.server_list:
+        needed |= {"nsd", "nsd-checkconf", "nsd-checkzone"}
     missing = sorted(t for t in needed if shutil.which(t) is None)
     if missing:
         sys.exit(f"missing tools: {', '.join(missing)} (bash bench/run.sh installs them)")
@@ -683,7 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     zonemod.write_queries(zonemod.hot_queries(small, 100_000, rng), qfiles["hot"])
     zonemod.write_queries(zonemod.large_queries(small, 10_000, rng), qfiles["large"])
     if need_cold:
-        zonemod.write_queries(zonemod.cold_queries(sizes["cold"], rng), qfiles["cold"])
+        cold = zonemod.cold_queries(sizes["cold"], rng)
+        zonemod.write_queries(cold, qfiles["cold"])
+        qfiles["cold-cpu"] = qdir / "cold-cpu.txt"
+        zonemod.write_queries(cold[: args.cold_cpu_names], qfiles["cold-cpu"])
     print(f"bench: zones and query files written in {time.monotonic() - t_start:.1f}s", flush=True)
 
     rows: list[Row] = []
@@ -702,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
                     zonemod.probes(sizes[wl.zone]),
                     opts,
                     workdir,
+                    qfiles.get(f"{wl.queries}-cpu"),
                 )
                 for _ in range(args.repeat)
             ]
@@ -711,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("FAILED: " + row.error.splitlines()[0], flush=True)
             else:
                 print(
-                    f"{row.qps:,.0f} qps, p99 {_f(row.p99_ms, '.3f')} ms at {row.p99_rate:,}/s"
+                    f"{row.qps:,.0f} qps, p99 {_f(row.p99_ms, '.3f')} ms at {row.p99_rate:,}/s, "
+                    f"{_f(row.cpu_us, '.1f')} µs CPU/query at {_f(row.cpu_rate, ',d')}/s"
                     + (f"; check: {'; '.join(row.check_problems)}" if row.check_problems else ""),
                     flush=True,
                 )
@@ -739,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     if notes:
         print("\n" + "\n".join(notes))
+    goals = targets(rows)
+    if goals:
+        print("\ntargets (issue 12), this run:\n" + "\n".join(goals))
     result = {
         "meta": {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -749,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": {w: WORKLOADS[w].about for w in args.workload_list},
             "elapsed_s": round(time.monotonic() - t_start, 1),
         },
+        "targets": goals,
         "results": [r.__dict__ for r in rows],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,39 +1,19 @@
 #!/usr/bin/env bash
 # One command for the whole benchmark: install what it needs, run bench/run.py, clean up.
-#   bash bench/run.sh [--quick] [--servers meshdns,dnsmasq,unbound,dnslib] [...]  (see README.md)
+#   bash bench/run.sh [--quick] [--servers meshdns,unbound,nsd,dnsmasq,dnslib] [...]  (README.md)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-# --- tools: Debian packages ----------------------------------------------------------------------
-need=()
-command -v dnsperf >/dev/null || need+=(dnsperf)
-command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
-{ command -v unbound && command -v unbound-checkconf; } >/dev/null || need+=(unbound)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-    echo "bench: installing ${need[*]}"
-    # Keep the unbound package from starting a system resolver: we start our own.
-    policy=/usr/sbin/policy-rc.d
-    made_policy=
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
-    fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-    status=$?
-    [[ -n $made_policy ]] && rm -f "$policy"
-    ((status == 0)) || { echo "bench: apt-get install ${need[*]} failed" >&2; exit 1; }
-fi
+# --- tools: Debian packages (dnsperf, unbound, nsd, dnsmasq, taskset), only what is missing ---
+scripts/system-deps --bench || { echo "bench: scripts/system-deps --bench failed" >&2; exit 1; }
 
-# --- Python: the project and the baseline --------------------------------------------------------
-if ! python3 -c 'import meshdns.cli' 2>/dev/null; then
-    if [[ -f pyproject.toml || -f setup.py ]]; then
-        echo "bench: installing meshdns (pip install -e .)"
-        python3 -m pip install -q -e . || echo "bench: pip install -e . failed" >&2
-    else
-        echo "bench: no pyproject.toml yet; meshdns rows will read FAILED" >&2
-    fi
+# --- Python: the checkout's own .venv, as the README's other commands use ---------------------
+# (scripts/venv creates it and installs meshdns, dnslib included, into it; run again it is a
+# quick no-op pip check). The bench and every meshdns it starts run on that interpreter.
+if ! .venv/bin/python -c 'import meshdns.cli, dnslib' 2>/dev/null; then
+    echo "bench: installing meshdns into .venv (scripts/venv)"
+    scripts/venv || { echo "bench: scripts/venv failed" >&2; exit 1; }
 fi
-python3 -c 'import dnslib' 2>/dev/null || python3 -m pip install -q dnslib
 
 # --- run, and leave nothing behind ---------------------------------------------------------------
 # run.py appends the PID of every server it starts (each leads its own process group) here.
@@ -67,7 +47,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-python3 bench/run.py "$@" &
+.venv/bin/python bench/run.py "$@" &
 py_pid=$!
 rc=0
 wait "$py_pid" || rc=$?

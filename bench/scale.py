@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from servers import project_python  # noqa: E402 - the checkout's .venv, as run.py uses
 
 
 def query_packet(ident: int, name: str, qtype: int = 1) -> bytes:
@@ -57,7 +60,7 @@ def answer_ips(reply: bytes) -> list[str]:
 
 
 def write_catalog(path: Path, services: int, instances: int, moved: str | None = None,
-                  node_count: int = 3000) -> None:
+                  node_count: int = 3000, tags: int = 1) -> None:
     nodes = [{"name": f"node-{i}", "address": f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}",
               "meta": {"rack": f"r{i % 10}"}} for i in range(node_count)]
     entries = []
@@ -66,6 +69,8 @@ def write_catalog(path: Path, services: int, instances: int, moved: str | None =
             entry = {"name": f"svc-{s}", "id": f"svc-{s}-{k}",
                      "node": f"node-{(s * 3 + k) % node_count}",
                      "port": 8000 + k}
+            if tags:  # one tag an instance by default: the shape issue 12 measures
+                entry["tags"] = [f"t{(s + k + j) % 50}" for j in range(tags)]
             if s == 0 and k == 0 and moved:
                 entry["address"] = moved
             entries.append(entry)
@@ -85,7 +90,7 @@ class Server:
     def __init__(self, catalog: Path, workdir: Path, cpu: str) -> None:
         self.log_path = workdir / f"meshdns-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115
-        cmd = ["taskset", "-c", cpu, sys.executable, "-m", "meshdns", "serve",
+        cmd = ["taskset", "-c", cpu, project_python(), "-m", "meshdns", "serve",
                "--catalog", str(catalog), "--listen", "127.0.0.1:0", "--admin", "off"]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -170,7 +175,7 @@ def percentile(values: list[float], p: float) -> float:
 def scale(args: argparse.Namespace, workdir: Path) -> dict:
     catalog = workdir / "big.json"
     t = time.perf_counter()
-    write_catalog(catalog, args.services, args.instances)
+    write_catalog(catalog, args.services, args.instances, tags=args.tags)
     size_mb = catalog.stat().st_size / 1e6
     print(f"catalog: {args.services:,} services x {args.instances} instances, {size_mb:.1f} MB "
           f"(written in {time.perf_counter() - t:.1f} s)")
@@ -186,12 +191,15 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
         state = {"rewritten": None}
         # written beforehand: serializing 22 MB here would stall this (Python) prober itself
         staged = workdir / "big-next.json"
-        write_catalog(staged, args.services, args.instances, "10.99.0.1")
+        write_catalog(staged, args.services, args.instances, "10.99.0.1", tags=args.tags)
+        peak = {"rss": 0.0}
 
         def tick(elapsed: float) -> None:
             if state["rewritten"] is None and elapsed >= rewrite_at:
                 state["rewritten"] = elapsed
                 os.replace(staged, catalog)  # atomic, as a deploy or a ConfigMap update does
+            if state["rewritten"] is not None:  # RSS while both snapshots may exist
+                peak["rss"] = max(peak["rss"], rss_mb(server.proc.pid))
 
         seconds = rewrite_at + args.reload_window
         samples = asyncio.run(probe(server.port, names, args.rate, seconds, tick))
@@ -207,6 +215,8 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
         "services": args.services, "instances": args.services * args.instances,
         "catalog_mb": round(size_mb, 1), "serving_s": round(serving_s, 2),
         "rss_mb": round(rss), "rss_after_reload_mb": round(rss_after),
+        "rss_peak_reload_mb": round(peak["rss"]),
+        "reload_rss_ratio": round(peak["rss"] / rss, 2) if rss else None,
         "reload_ms": reloads, "queries": len(samples), "lost": lost,
         "p50_before_ms": round(percentile(before, 50), 3),
         "p99_before_ms": round(percentile(before, 99), 3),
@@ -219,7 +229,8 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
           f"queries lost; p50/p99 before {result['p50_before_ms']}/{result['p99_before_ms']} ms, "
           f"during {result['p50_during_ms']}/{result['p99_during_ms']} ms "
           f"(max {result['max_during_ms']} ms); new answer served: {result['reload_visible']}; "
-          f"RSS after reload {rss_after:.0f} MB")
+          f"RSS after reload {rss_after:.0f} MB; peak during reload {peak['rss']:.0f} MB "
+          f"({result['reload_rss_ratio']}x the steady {rss:.0f} MB)")
     return result
 
 
@@ -257,6 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=100_000)
     parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--tags", type=int, default=1, help="tags per instance")
     parser.add_argument("--rate", type=float, default=2000.0, help="queries/s during reload")
     parser.add_argument("--reload-window", type=float, default=8.0,
                         help="seconds of traffic after the rewrite")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -41,14 +40,21 @@ def free_port() -> int:
     raise RuntimeError("no free port on 127.0.0.1")
 
 
+def project_python() -> str:
+    """The checkout's own interpreter (``.venv``, as scripts/venv makes it), else this one:
+    meshdns is installed there, and the bench must run what the README's commands install."""
+    venv = BENCH_DIR.parent / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
 def meshdns_command() -> list[str]:
-    exe = shutil.which("meshdns")
-    return [exe] if exe else [sys.executable, "-m", "meshdns"]
+    return [project_python(), "-m", "meshdns"]
 
 
 def meshdns_available() -> bool:
     probe = subprocess.run(
-        [sys.executable, "-c", "import meshdns.cli"], check=False, capture_output=True, timeout=60
+        [project_python(), "-c", "import meshdns.cli"],
+        check=False, capture_output=True, timeout=60, cwd="/",
     )
     return probe.returncode == 0
 
@@ -73,6 +79,10 @@ class ZoneFiles:
         return self.root / "unbound-records.conf"
 
     @property
+    def nsd_zone(self) -> Path:
+        return self.root / "consul.zone"
+
+    @property
     def dnslib(self) -> Path:
         return self.root / "dnslib-records.json"
 
@@ -84,6 +94,8 @@ class ZoneFiles:
             zonemod.write_dnsmasq_conf(self.zone, self.dnsmasq)
         if "unbound" in servers:
             zonemod.write_unbound_records(self.zone, self.unbound_records)
+        if "nsd" in servers:
+            zonemod.write_nsd_zone(self.zone, self.nsd_zone)
         if "dnslib" in servers:
             zonemod.write_dnslib_records(self.zone, self.dnslib)
 
@@ -130,6 +142,49 @@ def _unbound_conf(run_dir: Path, files: ZoneFiles, port: int) -> Path:
     )
     if check.returncode != 0:
         raise RuntimeError(f"unbound-checkconf {conf}: {check.stdout}{check.stderr}".strip())
+    return conf
+
+
+def _nsd_conf(run_dir: Path, files: ZoneFiles, port: int) -> Path:
+    """One server process, no database file, no remote control, everything in run_dir."""
+    conf = run_dir / "nsd.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "server:",
+                "    server-count: 1",
+                "    ip-address: 127.0.0.1",
+                f"    port: {port}",
+                "    do-ip6: no",
+                "    verbosity: 0",
+                '    username: ""',
+                '    chroot: ""',
+                f'    zonesdir: "{run_dir}"',
+                '    database: ""',
+                f'    zonelistfile: "{run_dir / "zone.list"}"',
+                f'    xfrdfile: "{run_dir / "xfrd.state"}"',
+                f'    xfrdir: "{run_dir}"',
+                f'    pidfile: "{run_dir / "nsd.pid"}"',
+                f'    logfile: "{run_dir / "nsd-internal.log"}"',
+                "    hide-version: yes",
+                # response rate limiting (on in Debian's build) would drop a benchmark's
+                # traffic: every query comes from 127.0.0.1
+                "    rrl-ratelimit: 0",
+                "    rrl-whitelist-ratelimit: 0",
+                "remote-control:",
+                "    control-enable: no",
+                "zone:",
+                f"    name: {zonemod.DOMAIN}",
+                f'    zonefile: "{files.nsd_zone}"',
+                "",
+            ]
+        )
+    )
+    for check in (["nsd-checkconf", str(conf)],
+                  ["nsd-checkzone", zonemod.DOMAIN, str(files.nsd_zone)]):
+        done = subprocess.run(check, check=False, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(check)}: {done.stdout}{done.stderr}".strip())
     return conf
 
 
@@ -180,6 +235,8 @@ def server_command(name: str, files: ZoneFiles, port: int, run_dir: Path, opts: 
         ]
     if name == "unbound":
         return ["unbound", "-d", "-c", str(_unbound_conf(run_dir, files, port))]
+    if name == "nsd":
+        return ["nsd", "-d", "-c", str(_nsd_conf(run_dir, files, port))]
     if name == "dnslib":
         return [
             sys.executable,

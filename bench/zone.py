@@ -133,6 +133,25 @@ def write_unbound_records(zone: Zone, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_nsd_zone(zone: Zone, path: Path) -> None:
+    """The same records as a zone file for NSD (authoritative only, as meshdns): TTL 0."""
+    lines = [
+        f"$ORIGIN {DOMAIN}.",
+        "$TTL 0",
+        f"@ IN SOA ns.{DOMAIN}. hostmaster.{DOMAIN}. 1 3600 600 86400 0",
+        f"@ IN NS ns.{DOMAIN}.",
+        "ns IN A 127.0.0.1",
+    ]
+    for name, addresses in zone.a.items():
+        lines.extend(f"{name}. IN A {address}" for address in addresses)
+    for name, records in zone.srv.items():
+        lines.extend(
+            f"{name}. IN SRV {prio} {weight} {port} {target}."
+            for prio, weight, port, target in records
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
 def write_dnslib_records(zone: Zone, path: Path) -> None:
     path.write_text(json.dumps({"A": zone.a, "SRV": zone.srv}, separators=(",", ":")))
 
