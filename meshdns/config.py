@@ -184,6 +184,23 @@ class DnsSettings(_Model):
         at_least(0.001, "a recursor cannot answer in no time"))] = Field(
         2.0, json_schema_extra=consul("dns_config.recursor_timeout"),
         description="How long to wait for each recursor before trying the next.")
+    recursor_max_pending: int = Field(
+        256, ge=1, le=65536, description="Forwarded queries waiting for a recursor at once "
+        "(each holds a socket); past it, SERVFAIL at once.")
+    # 1232: the DNS flag day 2020 figure, which avoids IP fragmentation
+    max_udp_size: int = Field(
+        1232, ge=512, le=65507, description="The largest UDP reply in bytes, whatever size the "
+        "client advertises; a larger answer is trimmed and sent with TC (the client retries "
+        "over TCP).")
+    tcp_max_connections: int = Field(
+        1024, ge=1, description="TCP connections at once (lowered at start to leave file "
+        "descriptors for reloads, the admin port and forwards); more are closed on accept.")
+    tcp_max_connections_per_client: int = Field(
+        64, ge=1, description="TCP connections at once from one client address.")
+    tcp_idle_timeout: Annotated[Duration, AfterValidator(
+        at_least(0.1, "clients need time to send a query"))] = Field(
+        10.0, description="A TCP connection without a complete, answerable query for this "
+        "long is closed (empty or malformed frames do not count).")
 
     @field_validator("recursors")
     @classmethod
@@ -346,6 +363,13 @@ class AdminSettings(_Model):
     ready_max_reload_failure: Duration | None = Field(
         None, description="`/ready` answers 503 once catalog reloads have failed for this long; "
         "null: never.")
+    max_connections: int = Field(
+        64, ge=1, le=4096, description="Admin HTTP connections at once; more are closed on "
+        "accept.")
+    idle_timeout: Annotated[Duration, AfterValidator(
+        at_least(0.1, "clients need time to send a request"))] = Field(
+        5.0, description="How long an admin connection may take to send a request's headers, "
+        "or stay idle between keep-alive requests.")
 
     @field_validator("listen")
     @classmethod
@@ -356,9 +380,14 @@ class AdminSettings(_Model):
 
 
 class CacheSettings(_Model):
-    enabled: bool = Field(True, description="Cache replies on the packet path (emptied "
-                          "whenever a new catalog is swapped in).")
+    enabled: bool = Field(True, description="Cache replies on the packet path (what a "
+                          "new catalog changes is dropped when it is swapped in).")
     size: int = Field(100_000, ge=1, description="Cached replies, per transport.")
+    # two of these fit a 256 MiB pod next to a large catalog
+    max_bytes: ByteSize = Field(
+        32 * 1024**2, ge=64 * 1024, description="Bytes of cached replies per transport (keys, "
+        "replies and their bookkeeping counted; bytes, or `32MiB`, `512KiB`, ...). Queries "
+        "with padding, cookies or other records are answered but not cached.")
 
 
 class Config(_Model):

@@ -25,6 +25,10 @@ class Metrics:
     reloads: int = 0
     reload_errors: int = 0
     forward_failures: int = 0
+    forward_timeouts: int = 0  # recursor exchanges that timed out (their sockets closed)
+    forward_rejected: int = 0  # forwards refused past dns.recursor_max_pending
+    tcp_refused: int = 0  # TCP connections closed on accept (global or per-client cap)
+    tcp_stalled: int = 0  # TCP connections cut because their replies went unread
     generation: int = 0
     loaded_at: float = 0.0
     started_at: float = field(default_factory=time.time)
@@ -34,13 +38,12 @@ class Metrics:
         self.latency_sum += seconds
 
     def render(self, extra: dict[str, float] | None = None,
-               queries: Counter[tuple[str, str, str]] | None = None,
-               truncated: int | None = None, reload_errors: int | None = None) -> str:
-        """The Prometheus text format (version 0.0.4). ``queries``/``truncated``: totals that
-        include the cache hits not yet folded into this object (Responder.query_counts);
+               reload_errors: int | None = None) -> str:
+        """The Prometheus text format (version 0.0.4). Cache hits are counted here once the
+        caches were folded (Responder.fold_steps); ``extra``: gauges, by metric name;
         ``reload_errors``: the source's count (``SourceState.errors``)."""
-        queries = self.queries if queries is None else queries
-        truncated = self.truncated if truncated is None else truncated
+        queries = self.queries
+        truncated = self.truncated
         reload_errors = self.reload_errors if reload_errors is None else reload_errors
         lines = [
             "# HELP meshdns_queries_total DNS queries answered, by lookup kind, rcode and "
@@ -73,6 +76,17 @@ class Metrics:
              "Catalog reloads refused (the last good catalog kept serving)."): reload_errors,
             ("meshdns_recursor_failures_total", "counter",
              "Forwarded queries no recursor answered."): self.forward_failures,
+            ("meshdns_recursor_timeouts_total", "counter",
+             "Recursor exchanges that timed out (their sockets closed)."): self.forward_timeouts,
+            ("meshdns_recursor_rejected_total", "counter",
+             "Queries answered SERVFAIL at once because dns.recursor_max_pending forwards "
+             "were already waiting."): self.forward_rejected,
+            ("meshdns_tcp_refused_total", "counter",
+             "TCP connections closed on accept: the global or per-client cap was reached."):
+                self.tcp_refused,
+            ("meshdns_tcp_stalled_total", "counter",
+             "TCP connections cut because the client left its replies unread."):
+                self.tcp_stalled,
             ("meshdns_catalog_generation", "gauge", "Generation of the catalog being served."):
                 self.generation,
             ("meshdns_catalog_age_seconds", "gauge", "Seconds since the catalog was loaded."):

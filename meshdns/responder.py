@@ -1,27 +1,38 @@
-"""Packet in, packet out: the whole DNS pipeline and its response cache, without sockets.
+"""Packet in, packet out: the whole DNS pipeline, without sockets.
 
-``Responder.respond`` is what the server calls for every UDP datagram and TCP message. A reply
-is cached under the query's bytes after the ID (so the flags, the exact case of the name and the
-EDNS options are all part of the key) and only the ID is patched in on a hit. A cached answer
-with several records is kept in several orders and the orders are served in turn, so clients
-still see answers shuffled; the cache is emptied whenever a new catalog snapshot is swapped in.
+``Responder.respond`` is what the server calls for every UDP datagram and TCP message. Replies
+are kept in a ``cache.ResponseCache`` per transport (bounded in bytes, tagged by the service an
+answer depends on); ``swap`` serves a new snapshot and drops the cached replies its ``Change``
+may have made wrong.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from .cache import Cached, ResponseCache, plain_query
 from .catalog.snapshot import Snapshot
 from .catalog.source import EVERYTHING, Change
 from .config import Config
 from .fastpath import address_reply, service_addresses
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
-from .resolve import NOERROR, NXDOMAIN, REFUSED, SERVFAIL, Answer, Settings, nxdomain, resolve
+from .resolve import (
+    CNAME,
+    NOERROR,
+    NXDOMAIN,
+    REFUSED,
+    SERVFAIL,
+    SRV,
+    Answer,
+    Settings,
+    nxdomain,
+    resolve,
+)
 from .topnames import TopNames
 from .wire import (
     CLASS_ANY,
@@ -42,6 +53,10 @@ if TYPE_CHECKING:
 
 MAX_ORDERS = 16  # distinct answer orders kept per cached reply
 REBUILD_AFTER = 4096  # hits before a cached reply is rebuilt with fresh random orders
+# lookups whose answer is computed from one service's instances (their dependency tag)
+SERVICE_KINDS = frozenset({"service", "connect", "ingress", "virtual"})
+# labels that make a name under our domain a service-like lookup (see _leads_elsewhere)
+_SERVICE_WORDS = frozenset({"service", "connect", "ingress", "virtual", "query"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,36 +92,32 @@ class Responder:
         self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
         self.primary_labels = tuple(config.domain.split("."))
         self.recursion = bool(config.dns.recursors)
-        self.cache_enabled = config.cache.enabled
-        self.cache_size = config.cache.size
+        self.max_udp_size = config.dns.max_udp_size
         # False while the source has nothing to serve (no data yet, or too stale): questions in
         # the domain get SERVFAIL, never cached, so the first good snapshot answers at once
         self.serving = True
         # Consul mode: prepared queries are executed by Consul and held here (catalog/consul/
         # queries.py); None: answered from the snapshot's own definitions (the file source)
         self.prepared: Any = None
-        self.udp_cache: dict[bytes, Cached] = {}
-        self.tcp_cache: dict[bytes, Cached] = {}
+        c = config.cache
+        self.udp_cache = ResponseCache(self.metrics, c.size, c.max_bytes, c.enabled)
+        self.tcp_cache = ResponseCache(self.metrics, c.size, c.max_bytes, c.enabled)
         self._random = random.Random()
         # the most asked NXDOMAIN names (the status page): fed on the miss path only
         self.nxdomains = TopNames()
 
     def swap(self, snapshot: Snapshot, change: Change = EVERYTHING) -> None:
-        """Serve ``snapshot`` from now on (one assignment; cached replies are dropped).
-
-        ``change`` says what changed; every cached reply is dropped whatever it says, for now.
-        The cache dicts are emptied in place: the UDP fast path holds a reference to them."""
+        """Serve ``snapshot`` from now on (one assignment), dropping the cached replies that
+        ``change`` may have made wrong (all of them by default)."""
         self.snapshot = snapshot
-        for cache in (self.udp_cache, self.tcp_cache):
-            for entry in cache.values():
-                self._fold(entry)
-            cache.clear()
+        self.udp_cache.invalidate(change)
+        self.tcp_cache.invalidate(change)
 
     def respond(self, data: bytes, tcp: bool = False) -> bytes | Forward | None:
         """The reply to one query packet, a ``Forward`` for the recursors, or None (drop)."""
         cache = self.tcp_cache if tcp else self.udp_cache
         key = data[2:]
-        entry = cache.get(key)
+        entry = cache.entries.get(key)
         if entry is not None:
             return data[:2] + self.cached_reply(entry, cache, key)
         return self._respond_uncached(data, tcp, cache, key)
@@ -115,42 +126,31 @@ class Responder:
         """``respond`` for a query the caller already looked up in vain (``key``: data[2:])."""
         return self._respond_uncached(data, tcp, self.tcp_cache if tcp else self.udp_cache, key)
 
-    def cached_reply(self, entry: Cached, cache: dict[bytes, Cached], key: bytes) -> bytes:
+    def cached_reply(self, entry: Cached, cache: ResponseCache, key: bytes) -> bytes:
         """The next order of a cached reply (without its ID)."""
         if entry.pending:  # asked again: now it pays to have every order ready
-            entry.replies = self._all_orders(entry.pending, cache is self.tcp_cache)
-            entry.pending = None
+            cache.expand(key, entry, self._all_orders(entry.pending, cache is self.tcp_cache,
+                                                      cache.room_for(len(entry.replies[0]))))
         turn = entry.turn
         entry.turn = turn + 1
         if turn - entry.start >= REBUILD_AFTER:  # fresh random orders now and then
-            self._fold(cache.pop(key))
+            cache.pop(key)
         return entry.replies[turn % len(entry.replies)]
 
-    def _fold(self, entry: Cached) -> None:
-        """Move an entry's hit count into the metrics (hits are counted by its turn)."""
-        hits = entry.turn - entry.start
-        entry.start = entry.turn
-        if hits:
-            self.metrics.queries[entry.counter_key] += hits
-            if entry.truncated:
-                self.metrics.truncated += hits
+    def fold_steps(self) -> Iterator[None]:
+        """Count every cached reply's hits into the metrics, a step at a time (see
+        ResponseCache.fold_steps): a ``/metrics`` scrape walks this between queries."""
+        yield from self.udp_cache.fold_steps()
+        yield from self.tcp_cache.fold_steps()
 
     def query_counts(self) -> Counter[tuple[str, str, str]]:
-        """Queries by (kind, rcode, transport), cache hits included."""
-        counts = Counter(self.metrics.queries)
-        for cache in (self.udp_cache, self.tcp_cache):
-            for entry in list(cache.values()):
-                hits = entry.turn - entry.start
-                if hits:
-                    counts[entry.counter_key] += hits
-        return counts
+        """Queries by (kind, rcode, transport), cache hits included, folding every entry at
+        once (a walk of both caches: /metrics uses ``fold_steps`` instead)."""
+        for _ in self.fold_steps():
+            pass
+        return Counter(self.metrics.queries)
 
-    def truncated_count(self) -> int:
-        return self.metrics.truncated + sum(
-            entry.turn - entry.start for cache in (self.udp_cache, self.tcp_cache)
-            for entry in list(cache.values()) if entry.truncated)
-
-    def _respond_uncached(self, data: bytes, tcp: bool, cache: dict[bytes, Cached],
+    def _respond_uncached(self, data: bytes, tcp: bool, cache: ResponseCache,
                           key: bytes) -> bytes | Forward | None:
         transport = "tcp" if tcp else "udp"
         metrics = self.metrics
@@ -170,7 +170,7 @@ class Responder:
                                       self.primary_labels)
         if addresses is not None:
             return self._respond_with_addresses(question, addresses, data, tcp, cache, key)
-        answer, forward = self.answer(question)
+        answer, forward, tag = self._answer(question)
         if isinstance(answer, Execute):
             return Execute(question, data, answer.name, answer.datacenter)
         if forward:
@@ -179,7 +179,8 @@ class Responder:
         if answer is None:  # refused: not our domain and no recursors
             metrics.queries[("outside", "REFUSED", transport)] += 1
             reply = plain_reply(question, REFUSED, self.recursion)
-            self._store(cache, key, (reply[2:],), ("outside", "REFUSED", transport))
+            self._store(cache, question, data, key, reply, ("outside", "REFUSED", transport),
+                        None)
             return reply
         counter_key = (answer.kind, _RCODE_NAMES.get(answer.rcode, str(answer.rcode)),
                        transport)
@@ -197,20 +198,20 @@ class Responder:
         # garbage collection while they sit in the cache. (Results Consul executed are held
         # for their own TTL by ``prepared``, not here.)
         if answer.kind != "query" or self.prepared is None:
-            self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
+            self._store(cache, question, data, key, reply, counter_key, tag, count > 1)
         if answer.rcode == NXDOMAIN:
-            self.nxdomains.seen(question.name, cache, key)
+            self.nxdomains.seen(question.name, cache.entries, key)
         return data[:2] + reply[2:]
 
     def _respond_with_addresses(self, question: Question, addresses: list[bytes], data: bytes,
-                                tcp: bool, cache: dict[bytes, Cached], key: bytes) -> bytes:
+                                tcp: bool, cache: ResponseCache, key: bytes) -> bytes:
         """The fast path's reply (fastpath.py): what the general path would send, written
         directly. Its other answer orders come from the general path on a second ask."""
         count = len(addresses)
         turn = int(self._random.random() * count)
         order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
         limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
-                            self.config.dns.enable_truncate)
+                            self.config.dns.enable_truncate, self.max_udp_size)
         flags = reply_flags(question.flags, NOERROR, True, self.recursion)
         settings = self.settings
         reply = address_reply(question, addresses, order, settings.service_ttl(question.labels[0]),
@@ -219,7 +220,8 @@ class Responder:
         self.metrics.queries[counter_key] += 1
         if reply[2] & 0x02:
             self.metrics.truncated += 1
-        self._store(cache, key, (reply[2:],), counter_key, data if count > 1 else None)
+        self._store(cache, question, data, key, reply, counter_key, question.labels[0],
+                    count > 1)
         return data[:2] + reply[2:]
 
     def answer(self, question: Question,
@@ -227,22 +229,67 @@ class Responder:
         """Resolve a parsed question: (answer, False), (None, True) to forward, (Execute, False)
         for a prepared query Consul must execute first, or (None, False) when it is not ours
         to answer. ``trace``: record why (explain.py; None on the packet path)."""
+        answer, forward, _ = self._answer(question, trace)
+        return answer, forward
+
+    def _answer(self, question: Question, trace: Trace | None = None
+                ) -> tuple[Answer | Execute | None, bool, str | None]:
+        """``answer``, and the answer's dependency tag: the service it was computed from."""
         if question.qclass not in (CLASS_IN, CLASS_ANY):
-            return None, False
+            return None, False, None
         labels = question.labels
         index = split_domain(labels, self.domain_labels)
         if index < 0:
             if labels[-1:] == ("arpa",):
-                return self._reverse(question, trace)
-            return None, self.recursion
+                return (*self._reverse(question, trace), None)
+            return None, self.recursion, None
         domain = self.domain_names[index]
         query = parse(labels[: len(labels) - len(self.domain_labels[index])], domain, trace)
         if query.kind == "query" and self.prepared is not None:
             held = self.prepared.answer(query, question.qtype, self.snapshot, self.settings)
             if held is None:
-                return Execute(question, b"", *self.prepared.key(query, self.settings)), False
-            return held, False
-        return resolve(query, question.qtype, self.snapshot, self.settings, trace), False
+                return (Execute(question, b"", *self.prepared.key(query, self.settings)), False,
+                        None)
+            return held, False, None  # (not cached here: see _respond_uncached)
+        answer = resolve(query, question.qtype, self.snapshot, self.settings, trace)
+        return answer, False, self._dependency(query, answer)
+
+    def _dependency(self, query: Query, answer: Answer) -> str | None:
+        """The service an answer depends on (None: nodes, addresses, anything else, which
+        every catalog change drops)."""
+        kind = query.kind
+        if kind in SERVICE_KINDS:
+            name = query.name
+        elif kind == "query":
+            pq = self.snapshot.prepared_queries.get(query.name)
+            if pq is None:
+                return None
+            name = pq.service.lower()
+        else:
+            return None
+        return None if self._leads_elsewhere(answer, name) else name
+
+    def _leads_elsewhere(self, answer: Answer, name: str) -> bool:
+        """True when an answer also carries another service's records: an instance whose
+        address is a hostname under our domain (a CNAME, or an SRV target, resolved here)."""
+        for (_, rtype, _, rdata), _ in answer.answers:
+            if rtype == SRV:
+                target = rdata[3]
+            elif rtype == CNAME:
+                target = rdata
+            else:
+                continue
+            labels = tuple(target.lower().split("."))
+            if _SERVICE_WORDS.isdisjoint(labels):
+                continue  # a node or .addr. target, or a name outside the service grammar
+            index = split_domain(labels, self.domain_labels)
+            if index < 0:
+                continue  # outside our domain: not looked up
+            inner = parse(labels[: len(labels) - len(self.domain_labels[index])],
+                          self.domain_names[index])
+            if inner.kind == "query" or (inner.kind in SERVICE_KINDS and inner.name != name):
+                return True
+        return False
 
     def _reverse(self, question: Question,
                  trace: Trace | None = None) -> tuple[Answer | None, bool]:
@@ -258,16 +305,17 @@ class Responder:
                        f"{ip} is not a node, service or virtual IP address in the catalog")
         return nxdomain(self.settings, snap, self.config.domain, "ptr"), False
 
-    def _all_orders(self, data: bytes, tcp: bool) -> tuple[bytes, ...]:
-        """The reply in up to MAX_ORDERS answer orders: rotations of one random order, so
-        every record takes its turn first (what round-robin clients rely on)."""
+    def _all_orders(self, data: bytes, tcp: bool, room: int) -> tuple[bytes, ...]:
+        """The reply in up to MAX_ORDERS answer orders (and at most ``room``): rotations of
+        one random order, so every record takes its turn first (what round-robin clients
+        rely on)."""
         question = parse_query(data)
         answer, _ = self.answer(question)
         assert answer is not None  # it was answered a moment ago from the same snapshot
         count = len(answer.answers)
         base = list(range(count))
         self._random.shuffle(base)
-        n = min(count, MAX_ORDERS)
+        n = max(1, min(count, MAX_ORDERS, room))
         orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
         return tuple(reply[2:] for reply in self._render(question, answer, tcp, orders))
 
@@ -280,38 +328,19 @@ class Responder:
                 orders: list[list[int] | None]) -> list[bytes]:
         """The reply (ID 0) for each answer order, within the transport's limits."""
         limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
-                            self.config.dns.enable_truncate)
+                            self.config.dns.enable_truncate, self.max_udp_size)
         flags = reply_flags(question.flags, answer.rcode, answer.authoritative, self.recursion)
         return [encode(question, answer, order, limits, flags) for order in orders]
 
-    def _store(self, cache: dict[bytes, Cached], key: bytes, replies: tuple[bytes, ...],
-               counter_key: tuple[str, str, str], pending: bytes | None = None) -> None:
-        if not self.cache_enabled:
-            return
-        if len(cache) >= self.cache_size:  # drop the oldest tenth (dicts keep insertion order)
-            for old in list(islice(cache, max(1, self.cache_size // 10))):
-                self._fold(cache.pop(old))
-        cache[key] = Cached(replies, int(self._random.random() * MAX_ORDERS), counter_key,
-                            pending)
-
-
-class Cached:
-    """A cached reply: its encodings (one per answer order, without the ID) and its use.
-
-    ``turn`` advances on every hit and picks the order; hits since ``start`` are the queries
-    answered from it that the metrics have not counted yet (counting them one by one would be
-    the most expensive thing on the hot path)."""
-
-    __slots__ = ("replies", "turn", "start", "counter_key", "pending", "truncated")
-
-    def __init__(self, replies: tuple[bytes, ...], turn: int,
-                 counter_key: tuple[str, str, str], pending: bytes | None) -> None:
-        self.replies = replies
-        self.turn = turn
-        self.start = turn
-        self.counter_key = counter_key
-        self.pending = pending  # the query, to encode the other orders on a second ask
-        self.truncated = bool(replies[0][0] & 0x02)
+    def _store(self, cache: ResponseCache, question: Question, data: bytes, key: bytes,
+               reply: bytes, counter_key: tuple[str, str, str], tag: str | None,
+               more_orders: bool = False) -> None:
+        """Cache a reply just sent, unless the query carries more than a question and a
+        plain OPT (see cache.plain_query). ``more_orders``: keep the query, to encode the
+        reply's other answer orders if it is asked again."""
+        if cache.enabled and plain_query(question, len(data)):
+            cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS),
+                        counter_key, tag, data if more_orders else None)
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -22,20 +23,29 @@ from .config import Config
 from .metrics import Metrics
 from .offload import in_thread
 from .responder import REBUILD_AFTER, Execute, Forward, Responder
-from .wire import plain_reply
+from .wire import plain_reply, truncated_reply, udp_limit
 
 log = logging.getLogger("meshdns")
 
-TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may sit without a complete query
-TCP_MAX_CONNECTIONS = 1024
 SAMPLE_EVERY = 64  # cache hits between two timed ones (timing every hit costs ~5%)
+
+# TCP limits that need no tuning (the tunable ones are dns.tcp_* in the config)
+TCP_WRITE_HIGH = 256 << 10  # bytes of unread replies before a connection stops being read
+TCP_WRITE_LOW = 64 << 10  # ... and resumes
+TCP_WRITE_STALL = 10.0  # seconds a connection may keep its replies unread before it is cut
+TCP_MAX_LIFETIME = 300.0  # seconds any connection may stay open, however busy
+DRAIN_TIMEOUT = 5.0  # seconds SIGTERM waits for answers owed (well under Kubernetes' 30 s)
+DRAIN_QUIET = 0.05  # seconds of nothing left to answer before a draining connection closes
+FD_RESERVE = 64  # descriptors kept free for catalog reads, logs, listeners and the like
+_ERROR_RCODES = frozenset({1, 4})  # FORMERR, NOTIMP: a frame like that is not a real query
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
-        self.cache = server.responder.udp_cache  # emptied in place on reload, never replaced
+        # the cache's dict, emptied in place on reload, never replaced
+        self.cache = server.responder.udp_cache.entries
         self._n = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,76 +85,202 @@ class UdpProtocol(asyncio.DatagramProtocol):
         if reply is None:
             return
         if isinstance(reply, Forward):
-            self.server.start_forward(reply, False, self._send(addr))
+            self.server.start_forward(reply, False, self._send_later(reply, addr))
             return
         if isinstance(reply, Execute):
-            self.server.start_execute(reply, False, self._send(addr))
+            self.server.start_execute(reply, False, self._send_later(reply, addr))
             return
         self.transport.sendto(reply, addr)  # type: ignore[union-attr]
         if started:
             self.server.metrics.observe(time.perf_counter() - started)
 
-    def _send(self, addr: tuple) -> Callable[[bytes], None]:
-        return lambda reply: self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+    def _send_later(self, item: Forward | Execute, addr: tuple) -> Callable[[bytes], None]:
+        """Send a reply made later (a recursor's, or after Consul executed a prepared query),
+        cut to an empty TC reply past the UDP size we allow (a recursor sizes its reply for
+        what the client advertised)."""
+        limit = udp_limit(item.question, self.server.config.dns.max_udp_size)
+
+        def send(reply: bytes) -> None:
+            if len(reply) > limit:
+                reply = truncated_reply(item.question, reply)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.sendto(reply, addr)
+
+        return send
 
     def error_received(self, exc: Exception) -> None:  # ICMP errors: nothing to do
         pass
 
 
 class TcpProtocol(asyncio.Protocol):
-    """Length-prefixed messages; replies in order; closes idle or abusive connections."""
+    """Length-prefixed messages, answered in order; what one client can make it hold is
+    bounded:
+
+    - replies the client does not read: past TCP_WRITE_HIGH buffered bytes the connection is
+      no longer read (so no more replies are made) until the client drains them to
+      TCP_WRITE_LOW; if it has not within TCP_WRITE_STALL seconds, it is cut off;
+    - idle time: only a complete query that gets a real answer counts as activity (empty or
+      malformed frames do not keep a connection open), and no connection outlives
+      TCP_MAX_LIFETIME;
+    - connections: dns.tcp_max_connections_per_client per address, and a global cap that
+      leaves file descriptors for everything else (DnsServer.tcp_limit).
+    """
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.idle: asyncio.TimerHandle | None = None
+        self.client = ""
+        self.paused = False  # the client is not reading its replies
+        self.draining = False  # SIGTERM: answer what was received, then close
+        self.quiet = False  # draining, and nothing arrived since the last check
+        self.forwards = 0  # forwarded queries whose reply is still owed
+        self.opened = 0.0
+        self.active = 0.0  # loop time of the last real query
+        self._timer: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.server.tcp_connections) >= TCP_MAX_CONNECTIONS:
-            transport.close()
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if peer else ""
+        per_client = server.tcp_clients.get(self.client, 0)
+        if (len(server.tcp_connections) >= server.tcp_limit or server.draining
+                or per_client >= server.config.dns.tcp_max_connections_per_client):
+            server.metrics.tcp_refused += 1
+            transport.abort()  # nothing was written: no reason to linger
             return
-        self.server.tcp_connections.add(self)
-        self._arm()
+        server.tcp_connections.add(self)
+        server.tcp_clients[self.client] = per_client + 1
+        self.transport.set_write_buffer_limits(TCP_WRITE_HIGH, TCP_WRITE_LOW)  # type: ignore
+        loop = asyncio.get_running_loop()
+        self.opened = self.active = loop.time()
+        self._timer = loop.call_later(server.config.dns.tcp_idle_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.tcp_connections.discard(self)
-        if self.idle:
-            self.idle.cancel()
+        server = self.server
+        if self in server.tcp_connections:
+            server.tcp_connections.discard(self)
+            left = server.tcp_clients.get(self.client, 1) - 1
+            if left > 0:
+                server.tcp_clients[self.client] = left
+            else:
+                server.tcp_clients.pop(self.client, None)
+        for timer in (self._timer, self._stall):
+            if timer is not None:
+                timer.cancel()
+        self.buffer = bytearray()
 
-    def _arm(self) -> None:
-        if self.idle:
-            self.idle.cancel()
+    def _check(self) -> None:
+        """The idle/lifetime timer: one per connection, re-aimed rather than re-created on
+        every query (a timer per query would cost more than answering it)."""
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
         loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(TCP_IDLE_TIMEOUT, self.transport.close)  # type: ignore
+        now = loop.time()
+        if self.draining:
+            # nothing owed, and nothing arrived for DRAIN_QUIET (what the client had sent
+            # before SIGTERM has been read by then); half a query is not waited for
+            if self.forwards == 0 and self.quiet:
+                self._close()
+                return
+            self.quiet = True
+            self._timer = loop.call_later(DRAIN_QUIET, self._check)
+            return
+        idle_until = self.active + self.server.config.dns.tcp_idle_timeout
+        if now >= idle_until or now >= self.opened + TCP_MAX_LIFETIME:
+            self._close()
+            return
+        self._timer = loop.call_at(min(idle_until, self.opened + TCP_MAX_LIFETIME), self._check)
+
+    def _close(self) -> None:
+        """Close; abort instead when replies sit unread (close would wait for them forever)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+    def drain(self) -> None:
+        """SIGTERM: stop taking new work once what was received is answered, then close."""
+        self.draining = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(DRAIN_QUIET, self._check)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self._stall = asyncio.get_running_loop().call_later(TCP_WRITE_STALL, self._stalled)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+            self._process()  # what arrived before reading stopped
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.server.metrics.tcp_stalled += 1
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while len(self.buffer) >= 2:
-            size = struct.unpack_from("!H", self.buffer)[0]
-            if len(self.buffer) < 2 + size:
+        self.quiet = False
+        if not self.paused:
+            self._process()
+
+    def _process(self) -> None:
+        buffer = self.buffer
+        responder = self.server.responder
+        real = False
+        while len(buffer) >= 2 and not self.paused:
+            size = (buffer[0] << 8) | buffer[1]
+            if len(buffer) < 2 + size:
                 break
-            message = bytes(self.buffer[2:2 + size])
-            del self.buffer[:2 + size]
-            self._arm()
+            message = bytes(buffer[2:2 + size])
+            del buffer[:2 + size]
             start = time.perf_counter()
             try:
-                reply = self.server.responder.respond(message, True)
+                reply = responder.respond(message, True)
             except Exception:
                 log.exception("internal error answering a TCP query")
-                self.transport.close()  # type: ignore[union-attr]
+                self._close()
                 return
             if reply is None:
                 continue
             if isinstance(reply, Forward):
-                self.server.start_forward(reply, True, self._write)
+                real = True
+                self.forwards += 1
+                self.server.start_forward(reply, True, self._forwarded)
                 continue
             if isinstance(reply, Execute):
-                self.server.start_execute(reply, True, self._write)
+                real = True
+                self.forwards += 1
+                self.server.start_execute(reply, True, self._forwarded)
                 continue
+            if reply[3] & 0xF not in _ERROR_RCODES:
+                real = True
             self._write(reply)
             self.server.metrics.observe(time.perf_counter() - start)
+        if real:
+            self.active = asyncio.get_running_loop().time()
+
+    def _forwarded(self, reply: bytes) -> None:
+        self.forwards -= 1
+        self._write(reply)
 
     def _write(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -167,6 +303,11 @@ class DnsServer:
         self.transports: list[asyncio.BaseTransport] = []
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: set[TcpProtocol] = set()
+        self.tcp_clients: dict[str, int] = {}  # open connections by client address
+        self.tcp_limit = config.dns.tcp_max_connections  # lowered by start() to fit the fds
+        self.draining = False
+        self.pending_forwards = 0
+        self.admin_port = 0  # set by admin.start_admin
         self.bound: list[tuple[str, int]] = []
         # tasks in flight (forwards, retiring snapshots): the loop keeps only weak references
         self._tasks: set[asyncio.Future[None]] = set()
@@ -194,6 +335,7 @@ class DnsServer:
 
     async def start(self, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        self.tcp_limit = tcp_connection_limit(self.config)
         for host, port in self.config.listen_addresses():
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             # TCP first: with port 0 the kernel picks a port, and UDP then takes the same one
@@ -225,7 +367,19 @@ class DnsServer:
             self.bound.append((host, port))
 
     def start_forward(self, item: Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
-        self._keep(asyncio.ensure_future(self.forward(item, tcp, send)))
+        """Forward to the recursors, or SERVFAIL at once when dns.recursor_max_pending
+        forwards already wait (each holds a socket until its recursor answers or times out)."""
+        if self.pending_forwards >= self.config.dns.recursor_max_pending:
+            self.metrics.forward_rejected += 1
+            send(plain_reply(item.question, 2, recursion_available=True))
+            return
+        self.pending_forwards += 1
+        task = asyncio.ensure_future(self.forward(item, tcp, send))
+        task.add_done_callback(self._forward_done)
+        self._keep(task)
+
+    def _forward_done(self, _: asyncio.Future[None]) -> None:
+        self.pending_forwards -= 1
 
     def start_execute(self, item: Execute, tcp: bool, send: Callable[[bytes], None]) -> None:
         self._keep(asyncio.ensure_future(self.execute(item, tcp, send)))
@@ -255,7 +409,11 @@ class DnsServer:
             try:
                 reply = await asyncio.wait_for(
                     _exchange(item.data, host, port, tcp), timeout)
-            except (TimeoutError, OSError, ValueError) as exc:
+            except TimeoutError:  # (its socket is closed as _exchange is cancelled)
+                self.metrics.forward_timeouts += 1
+                log.debug("recursor %s:%s did not answer in %.3g s", host, port, timeout)
+                continue
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
                 log.debug("recursor %s:%s failed: %s", host, port, exc)
                 continue
             if len(reply) >= 12 and reply[:2] == item.data[:2] and reply[3] & 0xF in (0, 3):
@@ -272,16 +430,61 @@ class DnsServer:
         """SIGHUP: read the catalog again."""
         await self.source.reload("SIGHUP")
 
-    async def stop(self) -> None:
-        for transport in self.transports:
-            transport.close()
+    async def stop(self, drain: float = DRAIN_TIMEOUT) -> None:
+        """Drain, then close: accept no more TCP connections, answer what was already received
+        (forwards included) and close each connection once nothing is owed on it; after
+        ``drain`` seconds, cut what is left. UDP is answered until the end of the drain."""
+        self.draining = True
         for srv in self.tcp_servers:
             srv.close()
         for conn in list(self.tcp_connections):
+            conn.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        while (self.tcp_connections or self.pending_forwards) and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_QUIET)
+        if self.tcp_connections:
+            log.warning("drain: %d TCP connections still open after %.3g s, closing them",
+                        len(self.tcp_connections), drain)
+        for conn in list(self.tcp_connections):
             if conn.transport:
-                conn.transport.close()
+                conn.transport.abort()
+        for transport in self.transports:
+            transport.close()
         for srv in self.tcp_servers:
             await srv.wait_closed()
+
+
+def tcp_connection_limit(config: Config) -> int:
+    """dns.tcp_max_connections, lowered so that at the cap there are still descriptors for
+    the admin port's connections, pending forwards, catalog reloads and the listeners (at the
+    cap a reload failing with EMFILE would leave stale data). Raises the soft RLIMIT_NOFILE to
+    the hard one first, as most servers do: the default soft limit (often 1024) is for
+    interactive shells."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                pass
+    except (ValueError, OSError):  # pragma: no cover - no limit to read
+        return config.dns.tcp_max_connections
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - not Linux
+        in_use = 16
+    others = (FD_RESERVE + in_use + config.dns.recursor_max_pending
+              + (config.admin.max_connections + 1 if config.admin.listen else 0)
+              + 2 * len(config.listen))
+    room = max(16, soft - others)
+    if room < config.dns.tcp_max_connections:
+        log.warning("open-file limit %d: at most %d TCP connections at once "
+                    "(dns.tcp_max_connections is %d)", soft, room,
+                    config.dns.tcp_max_connections)
+    return min(config.dns.tcp_max_connections, room)
 
 
 async def _exchange(data: bytes, host: str, port: int, tcp: bool) -> bytes:

@@ -40,7 +40,7 @@ _HHH = struct.Struct("!HHH")
 _QNAME_POINTER = b"\xc0\x0c"  # a compression pointer to the question name, at offset 12
 _SOA_INTS = struct.Struct("!IIIII")
 
-MAX_UDP = 65507  # the largest UDP payload over IPv4
+MAX_UDP_REPLY = 1232  # dns.max_udp_size's default (DNS flag day 2020: no IP fragmentation)
 MAX_TCP = 65535
 NO_EDNS_MAX_ANSWERS = 8  # Consul's hard cap for UDP replies without EDNS
 ZONE_TRANSFER_AND_MAIL = frozenset({251, 252, 253, 254})  # IXFR AXFR MAILB MAILA
@@ -297,12 +297,38 @@ class Limits:
 
 
 def limits_for(question: Question, tcp: bool, udp_answer_limit: int,
-               enable_truncate: bool) -> Limits:
+               enable_truncate: bool, max_udp_size: int = MAX_UDP_REPLY) -> Limits:
+    """What a reply to ``question`` may hold. Over UDP: 512 bytes and ``udp_answer_limit``
+    answers without EDNS; with EDNS the client's size, but never more than ``max_udp_size``
+    (dns.max_udp_size). A reply trimmed to the client's own size has TC only with
+    ``enable_truncate`` (as Consul); one trimmed to our smaller cap always has TC, since the
+    client asked for more and must learn to retry over TCP."""
     if tcp:
         return Limits(MAX_TCP, 0, False)
-    if question.edns is None:
+    edns = question.edns
+    if edns is None:
         return Limits(512, min(udp_answer_limit, NO_EDNS_MAX_ANSWERS), enable_truncate)
-    return Limits(max(512, min(question.edns.udp_size, MAX_UDP)), 0, enable_truncate)
+    size = max(512, edns.udp_size)
+    if size > max_udp_size:
+        return Limits(max_udp_size, 0, True)
+    return Limits(size, 0, enable_truncate)
+
+
+def udp_limit(question: Question, max_udp_size: int) -> int:
+    """The largest UDP reply ``question`` may get: 512 without EDNS, else the client's size
+    within [512, max_udp_size]."""
+    if question.edns is None:
+        return 512
+    return min(max(512, question.edns.udp_size), max_udp_size)
+
+
+def truncated_reply(question: Question, reply: bytes) -> bytes:
+    """``reply`` (too big for its transport) as an empty one with TC: its header's rcode and
+    RA, the question, the OPT to an EDNS query. The client retries over TCP."""
+    flags = (_HH.unpack_from(reply)[1] if len(reply) >= 4 else 0x8000) | 0x0200
+    opt = edns_opt(question.edns, flags & 0xF)
+    header = _HEADER.pack(question.id, flags, 1, 0, 0, opt is not None)
+    return header + question.raw + (opt or b"")
 
 
 def reply_flags(question_flags: int, rcode: int, authoritative: bool,

@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict | None] = {
     "trunc": {"dns": {"udp_answer_limit": 5, "enable_truncate": True}},
     "wide": {"dns": {"udp_answer_limit": 20, "a_record_limit": 10}},
     "nocache": {"cache": {"enabled": False}},
+    "large": {"dns": {"max_udp_size": 4096}},
 }
 
 
@@ -312,11 +313,30 @@ def test_edns_srv_trimmed_to_size_with_additional_in_step(servers: dict, size: i
 
 
 def test_edns_large_enough_gets_everything_untruncated(servers: dict) -> None:
+    """Within dns.max_udp_size (here raised to 4096) the client's size is honoured."""
+    reply, raw = exchange(servers["large"], make("big.service.consul", "SRV", edns=0,
+                                                 payload=4096))
+    assert len(srv_targets(reply)) == BIG and len(raw) > 1232
+    assert_in_step(reply)
+    assert not reply.flags & dns.flags.TC
+
+
+@pytest.mark.parametrize("payload", [4096, 65000])
+def test_udp_replies_never_exceed_max_udp_size(servers: dict, payload: int) -> None:
+    """Issue 8 point 8: whatever size a client advertises, a UDP reply is at most
+    dns.max_udp_size (1232 by default) bytes; one trimmed to it has TC (with or without
+    enable_truncate), so the client asks again over TCP and gets everything there."""
     for server in (servers["plain"], servers["trunc"]):
-        reply, _ = exchange(server, make("big.service.consul", "SRV", edns=0, payload=4096))
-        assert len(srv_targets(reply)) == BIG
-        assert_in_step(reply)
-        assert not reply.flags & dns.flags.TC
+        for _ in range(3):  # the miss path, the first repeat, the cache
+            reply, raw = exchange(server, make("big.service.consul", "SRV", edns=0,
+                                               payload=payload))
+            assert len(raw) <= 1232
+            assert 0 < len(srv_targets(reply)) < BIG
+            assert reply.flags & dns.flags.TC
+            assert_in_step(reply)
+        full, _ = exchange(server, make("big.service.consul", "SRV", edns=0,
+                                        payload=payload), tcp=True)
+        assert len(srv_targets(full)) == BIG
 
 
 @pytest.mark.parametrize("edns", [None, 0])
