@@ -325,6 +325,7 @@ class _Server:
         self.snapshot = _Snapshot()
         self.snapshot.loaded_at = time.time() - loaded_ago
         self.bound = [("127.0.0.1", 53)]
+        self.draining = False
         self.state = SourceState(
             "file", ready=True,
             last_error=None if failing_for is None else "catalog.yaml:3: nodes: bad",
