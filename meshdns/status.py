@@ -146,7 +146,7 @@ section{background:#fff;border:1px solid #dde3ea;border-radius:6px;margin:1em 0;
 h2{font-size:1.05em;margin:.3em 0 .6em}.wrap{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.92em}
 th,td{text-align:left;padding:.25em .6em .25em 0;border-bottom:1px solid #eef1f4;
-vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}
+vertical-align:top}.n{text-align:right;font-variant-numeric:tabular-nums}
 .bad{color:#b3261e;font-weight:600}.ok{color:#1e7d32;font-weight:600}.muted{color:#687685}
 form{display:flex;flex-wrap:wrap;gap:.5em}input[type=text]{flex:1 1 16em;font:inherit;
 padding:.35em}select,button{font:inherit;padding:.35em .8em}
@@ -170,7 +170,9 @@ _TYPES = ("A", "AAAA", "SRV", "TXT", "PTR", "ANY", "SOA", "NS")
 
 def _table(head: list[str], rows: list[list[str]], numeric: frozenset[int] = frozenset()) -> str:
     """An HTML table; cells are already-escaped HTML."""
-    out = ["<div class=wrap><table><tr>", *(f"<th>{h}</th>" for h in head), "</tr>"]
+    out = ["<div class=wrap><table><tr>",
+           *(f"<th class=n>{h}</th>" if i in numeric else f"<th>{h}</th>"
+             for i, h in enumerate(head)), "</tr>"]
     for row in rows:
         out.append("<tr>" + "".join(f"<td class=n>{c}</td>" if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(row)) + "</tr>")

@@ -394,3 +394,19 @@ def test_http_errors(example: MeshdnsProcess) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=5)
     assert err.value.code == 405  # GET only: nothing to change
+
+
+def test_readme_example_is_what_explain_prints() -> None:
+    """The README's "When an answer looks wrong" output is the command's output today."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- explain-example:start -->", 1)[1].split(
+        "<!-- explain-example:end -->", 1)[0]
+    lines = block.strip().removeprefix("```console").removesuffix("```").strip("\n")
+    command, _, shown = lines.partition("\n")
+    assert command == "$ meshdns explain payments.service.consul"
+    out = subprocess.run([*MESHDNS, "explain", "payments.service.consul"], capture_output=True,
+                         text=True, timeout=30, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == shown.rstrip("\n")
+    assert (Path(__file__).resolve().parent.parent / "docs" / "status.png").read_bytes()[:4] \
+        == b"\x89PNG"
