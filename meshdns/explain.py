@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from .names import Query
+from .names import Query, split_domain
 from .resolve import Settings
+from .responder import Execute, Responder
 from .trace import Trace
 from .wire import (
     NO_EDNS_MAX_ANSWERS,
@@ -31,9 +32,6 @@ from .wire import (
     parse_query,
     plain_reply,
 )
-
-if TYPE_CHECKING:
-    from .responder import Responder
 
 _SERVICE_KINDS = ("service", "connect", "ingress")
 
@@ -125,9 +123,19 @@ def explain(responder: Responder, name: str, qtype: str | int = "A") -> dict[str
         doc["notes"].append(f"the server answers {type_text} queries with {doc['rcode']}")
         return doc
     trace = Trace()
+    if not responder.serving and split_domain(question.labels, responder.domain_labels) >= 0:
+        # what the packet path answers while the source has nothing (fresh enough) to serve
+        state = "no catalog data yet, or the last good one is older than max_stale"
+        doc["notes"].append(f"the catalog source is not serving ({state}): SERVFAIL")
+        doc["rcode"] = "SERVFAIL"
+        return doc
     answer, forward = responder.answer(question, trace)
     doc["query"] = _query(trace.query, s, trace)
     doc["notes"] = list(trace.notes)
+    if isinstance(answer, Execute):
+        doc["notes"].append("no result held for this prepared query: the server would ask "
+                            "Consul to execute it now (explain does not)")
+        return doc
     if forward:
         recursors = ", ".join(responder.config.dns.recursors)
         doc["notes"].append(f"outside the domain: the server forwards it to the recursors "

@@ -246,6 +246,10 @@ class Responder:
         domain = self.domain_names[index]
         query = parse(labels[: len(labels) - len(self.domain_labels[index])], domain, trace)
         if query.kind == "query" and self.prepared is not None:
+            if trace is not None:
+                trace.query = query
+                trace.note("Consul executes prepared queries (/v1/query/<name>/execute): it "
+                           "chose the instances, so the steps are Consul's, not shown here")
             held = self.prepared.answer(query, question.qtype, self.snapshot, self.settings)
             if held is None:
                 return (Execute(question, b"", *self.prepared.key(query, self.settings)), False,

@@ -198,6 +198,14 @@ def _when(wall: float | None, now: float) -> str:
     return f"{stamp} ({_ago(now - wall)})"
 
 
+def _detail(key: str, value: Any, now: float) -> str:
+    """A source detail value as HTML: wall times (``last_success``, ``*_at``) as times."""
+    if isinstance(value, float) and value > 1e9 and (key.startswith("last_success")
+                                                     or key.endswith("_at")):
+        return _when(value, now)
+    return shown(str(value))
+
+
 def render_page(view: dict[str, Any]) -> str:
     """The status page from ``StatusPage.view``'s plain values (pure; every name escaped)."""
     now = view["now"]
@@ -233,20 +241,22 @@ def render_page(view: dict[str, Any]) -> str:
              ["last good read", _when(src.get("last_success"), now)],
              ["catalog loaded", _when(view["loaded_at"], now)]]
     if src.get("last_error"):
-        rows.append(["last error", f"<span class=bad>{e(src['last_error'])}</span> (failing "
+        lines = "<br>".join(e(line) for line in src["last_error"].splitlines())
+        rows.append(["last error", f"<span class=bad>{lines}</span> (failing "
                      f"since {_when(src.get('failing_since'), now)})"])
     else:
         rows.append(["last error", "none"])
     rows.append(["updates refused", str(src["errors"])])
     for key, value in src.get("detail", {}).items():
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            head = sorted({k for v in value for k in v})
-            cells = [[e(str(v.get(k, ""))) for k in head] for v in value[:SHOWN]]
+            head = sorted({k for v in value for k in v})  # e.g. Consul's watches, one a row
+            cells = [[_detail(k, v.get(k, ""), now) for k in head] for v in value[:SHOWN]]
             rows.append([e(key), _table([e(h) for h in head], cells)])
         elif isinstance(value, dict):
-            rows.append([e(key), e(", ".join(f"{k} {v}" for k, v in value.items()))])
+            rows.append([e(key), ", ".join(f"{e(str(k))} {_detail(str(k), v, now)}"
+                                           for k, v in value.items())])
         else:
-            rows.append([e(key), e(str(value))])
+            rows.append([e(key), _detail(key, value, now)])
     parts.append("<section id=source><h2>Catalog source</h2>" +
                  _table(["", ""], rows) + "</section>")
 

@@ -410,3 +410,37 @@ def test_readme_example_is_what_explain_prints() -> None:
     assert out.stdout.rstrip("\n") == shown.rstrip("\n")
     assert (Path(__file__).resolve().parent.parent / "docs" / "status.png").read_bytes()[:4] \
         == b"\x89PNG"
+
+
+def test_explain_in_consul_mode(start_server) -> None:
+    """A server following (a fake) Consul: explain names the critical service check and the
+    critical node check that hide instances, its answer is the wire's, and the status page shows
+    the Consul source's state."""
+    from conftest import wait_for
+    from fake_consul import FakeConsul
+
+    with FakeConsul() as fake:
+        for i in (1, 2, 3):
+            fake.register_node(f"n{i}", f"10.0.0.{i}")
+        fake.register_service("web", "n1", id="web-1", address="10.0.1.1", port=80)
+        fake.register_service("web", "n2", id="web-2", address="10.0.1.2", port=80,
+                              status="critical")
+        fake.register_service("web", "n3", id="web-3", address="10.0.1.3", port=80)
+        fake.set_check("n3", "disk", "critical", name="disk full")
+        server = start_server(config={"catalog": {"consul": {"address": fake.url}}})
+
+        def ready() -> bool:
+            return explain_http(server, "web.service.consul")["rcode"] == "NOERROR"
+        assert wait_for(ready, 20)
+        doc = explain_http(server, "web.service.consul")
+        reasons = {i["id"]: (i["used"], i["reason"]) for i in doc["steps"][0]["instances"]}
+        assert reasons["web-1"] == (True, "healthy")
+        assert reasons["web-2"] == (False, "service web-2 is critical")
+        assert reasons["web-3"] == (False, "node n3 is critical")
+        assert doc["answer"] == ["web.service.consul. 0 IN A 10.0.1.1"]
+        check_same_as_wire(server, doc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/",
+                                    timeout=10) as response:
+            page = response.read().decode()
+        assert "<tr><td>kind</td><td>consul</td></tr>" in page
+        assert "<tr><td>serving</td><td><span class=ok>yes</span></td></tr>" in page
