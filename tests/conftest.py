@@ -234,3 +234,37 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run .ci/run (it installs the Debian packages)")
     return path
+
+
+# --- the Kubernetes manifests, as `kubectl apply -k configs/kubernetes` creates them ----------
+
+
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def generator_inputs(directory: Path) -> set[Path]:
+    """Files that configMapGenerator turns into ConfigMaps (not manifests themselves)."""
+    return {directory / file.partition("=")[2] if "=" in file else directory / file
+            for generator in kustomization(directory).get("configMapGenerator", [])
+            for file in generator.get("files", [])}
+
+
+def generated_configmaps(directory: Path) -> list[dict]:
+    """The ConfigMaps configMapGenerator makes, named as the manifests reference them (kustomize
+    appends a hash of the content to the name and rewrites those references; the kubectl test
+    in test_deploy_files checks that it does)."""
+    out = []
+    for generator in kustomization(directory).get("configMapGenerator", []):
+        data = {}
+        for file in generator.get("files", []):
+            key, _, path = file.rpartition("=") if "=" in file else ("", "", file)
+            data[key or Path(path).name] = (directory / path).read_text()
+        metadata = {"name": generator["name"]}
+        if generator.get("namespace"):
+            metadata["namespace"] = generator["namespace"]
+        labels = generator.get("options", {}).get("labels")
+        if labels:
+            metadata["labels"] = labels
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import generated_configmaps, generator_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -87,13 +88,17 @@ def is_kustomization(path: Path) -> bool:
 
 @functools.cache
 def all_manifests() -> tuple[Manifest, ...]:
-    return tuple(
+    """The manifest files' objects, and the ConfigMaps kustomization.yaml generates."""
+    files = tuple(
         Manifest(path, doc)
         for directory in MANIFEST_DIRS
         for path in yaml_files(directory)
-        if not is_kustomization(path)
+        if not is_kustomization(path) and path not in generator_inputs(KUBERNETES)
         for doc in load_documents(path)
     )
+    generated = tuple(Manifest(KUBERNETES / "kustomization.yaml", obj)
+                      for obj in generated_configmaps(KUBERNETES))
+    return files + generated
 
 
 def the(kind: str, directory: Path = KUBERNETES) -> Manifest:
@@ -102,10 +107,35 @@ def the(kind: str, directory: Path = KUBERNETES) -> Manifest:
     return found[0]
 
 
-def meshdns_configmap() -> Manifest:
-    found = [m for m in all_manifests() if m.kind == "ConfigMap" and KUBERNETES in m.path.parents]
-    assert len(found) == 1, f"expected one ConfigMap under {KUBERNETES}, found {len(found)}"
+def configmap_named(name: str) -> Manifest:
+    found = [m for m in all_manifests() if m.kind == "ConfigMap" and m.name == name
+             and KUBERNETES in m.path.parents]
+    assert len(found) == 1, f"expected one ConfigMap {name} under {KUBERNETES}, found {len(found)}"
     return found[0]
+
+
+def config_volume_configmaps(deployment: Manifest) -> list[Manifest]:
+    """The ConfigMaps projected into the volume mounted at the config's directory."""
+    container = meshdns_container(deployment)
+    directory = config_argument(container).parent
+    (mount,) = [m for m in container["volumeMounts"] if PurePosixPath(m["mountPath"]) == directory]
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+    sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+    return [configmap_named(source["configMap"]["name"]) for source in sources]
+
+
+def mounted_files() -> dict[str, str]:
+    """The files of /etc/meshdns in the pod, by name."""
+    files: dict[str, str] = {}
+    for configmap in config_volume_configmaps(the_deployment()):
+        for key, value in configmap.obj["data"].items():
+            assert key not in files, f"{key} comes from two ConfigMaps"
+            files[key] = value
+    return files
+
+
+def the_deployment() -> Manifest:
+    return the("Deployment")
 
 
 def pod_spec(deployment: Manifest) -> dict[str, Any]:
@@ -350,7 +380,7 @@ def config_argument(container: dict[str, Any]) -> PurePosixPath:
 
 
 def embedded_server_config() -> dict[str, Any]:
-    data = meshdns_configmap().obj["data"]
+    data = mounted_files()
     config = yaml.safe_load(data[config_argument(meshdns_container(the("Deployment"))).name])
     assert isinstance(config, dict)
     return config
@@ -367,11 +397,63 @@ def test_config_file_comes_from_the_configmap() -> None:
     mount = mounts[0]
     # A subPath mount never sees ConfigMap updates, so catalog edits would not reach the pod.
     assert "subPath" not in mount, "mount the whole ConfigMap so updates reach the pod"
-    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
-    configmap = meshdns_configmap()
-    assert volume["configMap"]["name"] == configmap.name
-    assert configmap.namespace == deployment.namespace
-    assert config_path.name in configmap.obj["data"], f"the ConfigMap has no {config_path.name}"
+    for configmap in config_volume_configmaps(deployment):
+        assert configmap.namespace == deployment.namespace
+    assert config_path.name in mounted_files(), f"no ConfigMap provides {config_path.name}"
+
+
+def test_config_edits_roll_the_pods_and_catalog_edits_do_not() -> None:
+    """The config comes from kustomize's configMapGenerator (a name with a hash of the content,
+    so an edit changes the pod template: a rollout); the catalog from a ConfigMap with a fixed
+    name (an edit is reloaded live, no rollout)."""
+    deployment = the_deployment()
+    config_key = config_argument(meshdns_container(deployment)).name
+    catalog_key = embedded_server_config()["catalog"]["file"]
+    generated = {c["metadata"]["name"] for c in generated_configmaps(KUBERNETES)}
+    owners = {key: m for m in config_volume_configmaps(deployment) for key in m.obj["data"]}
+    assert owners[config_key].name in generated, "config.yaml must come from configMapGenerator"
+    generator = next(g for g in yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+                     ["configMapGenerator"] if g["name"] == owners[config_key].name)
+    assert not generator.get("options", {}).get("disableNameSuffixHash"), (
+        "without the hash suffix a config edit rolls nothing")
+    assert owners[catalog_key].name not in generated, (
+        "the catalog must keep a fixed name: its edits are reloaded live, not rolled out")
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    rendered = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def rendered_pod_template(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    return deployment["spec"]["template"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_apply_k_rolls_the_pods_on_a_config_edit(tmp_path: Path) -> None:
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    before = rendered_pod_template(kustomize(copy))
+    # the rendered Deployment names the generated ConfigMap, hash suffix included
+    names = {c["metadata"]["name"] for c in kustomize(copy) if c["kind"] == "ConfigMap"}
+    volume_names = {s["configMap"]["name"] for v in before["spec"]["volumes"]
+                    for s in v.get("projected", {}).get("sources", [])}
+    assert volume_names <= names and any(n.startswith("meshdns-config-") for n in volume_names)
+    # a config edit: a different pod template, so the Deployment rolls
+    (config_file,) = [p for p in generator_inputs(copy) if p.name == "config.yaml"]
+    config_file.write_text(config_file.read_text().replace("log_level: info",
+                                                           "log_level: debug"))
+    after_config = rendered_pod_template(kustomize(copy))
+    assert after_config != before
+    # a catalog edit: the same pod template, no rollout (meshdns reloads the file live)
+    config_file.write_text(config_file.read_text().replace("log_level: debug",
+                                                           "log_level: info"))
+    catalog = copy / "catalog-configmap.yaml"
+    catalog.write_text(catalog.read_text().replace("port: 9090", "port: 9091"))
+    assert rendered_pod_template(kustomize(copy)) == before
 
 
 def test_embedded_config_listens_on_the_container_ports() -> None:
@@ -391,8 +473,8 @@ def test_embedded_catalog_parses_and_is_consistent() -> None:
     assert not PurePosixPath(catalog_file).is_absolute(), (
         "keep the catalog next to config.yaml in the mount"
     )
-    data = meshdns_configmap().obj["data"]
-    assert catalog_file in data, f"catalog.file {catalog_file!r} is not a key of the ConfigMap"
+    data = mounted_files()
+    assert catalog_file in data, f"catalog.file {catalog_file!r} is not a mounted ConfigMap key"
     catalog = yaml.safe_load(data[catalog_file])
     nodes = {node["name"] for node in catalog["nodes"]}
     assert len(nodes) == len(catalog["nodes"]), "duplicate node names"
@@ -454,7 +536,8 @@ def test_kustomization_lists_every_manifest() -> None:
     kustomization = load_documents(KUBERNETES / "kustomization.yaml")[0]
     assert kustomization["kind"] == "Kustomization"
     listed = set(kustomization["resources"])
-    present = {p.name for p in yaml_files(KUBERNETES) if not is_kustomization(p)}
+    present = {p.name for p in yaml_files(KUBERNETES)
+               if not is_kustomization(p) and p not in generator_inputs(KUBERNETES)}
     assert listed == present, f"kustomization resources {sorted(listed)} != files {sorted(present)}"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, generated_configmaps
 from pydantic import BaseModel
 
 from meshdns import docs
@@ -77,9 +77,13 @@ def schema(name: str) -> dict[str, Any]:
 
 
 def configmap_files() -> dict[str, str]:
-    docs_ = yaml.safe_load_all((ROOT / "configs" / "kubernetes" / "configmap.yaml").read_text())
-    (configmap,) = [d for d in docs_ if d and d.get("kind") == "ConfigMap"]
-    return configmap["data"]
+    """The files the Kubernetes manifests mount at /etc/meshdns."""
+    kubernetes = ROOT / "configs" / "kubernetes"
+    docs_ = yaml.safe_load_all((kubernetes / "catalog-configmap.yaml").read_text())
+    files: dict[str, str] = {}
+    for configmap in [*docs_, *generated_configmaps(kubernetes)]:
+        files.update(configmap["data"])
+    return files
 
 
 def shipped_configs() -> list[tuple[str, Any]]:

@@ -31,6 +31,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 import yaml
+from conftest import generated_configmaps
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -111,10 +112,12 @@ def read_image() -> Image:
 
 
 def load_manifests() -> list[dict]:
+    """What ``kubectl apply -k`` creates: the manifest files and the generated ConfigMaps."""
     docs = []
     for path in sorted(KUBERNETES.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
+        if path.name != "kustomization.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs + generated_configmaps(KUBERNETES)
 
 
 def manifest(kind: str, name: str | None = None) -> dict:
@@ -372,12 +375,15 @@ def read_pod() -> Pod:
     command = container.get("command", []) + container.get("args", [])
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
-    configmap = manifest("ConfigMap", volume["configMap"]["name"])
+    sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+    data: dict[str, str] = {}
+    for source in sources:  # a projected volume: the files of each ConfigMap, in one directory
+        data.update(manifest("ConfigMap", source["configMap"]["name"])["data"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
         port = container[probe]["httpGet"]["port"]
         assert ports.get(port) == 8601 or port == 8601, f"{probe} is not on the admin port"
-    return Pod(command, PurePosixPath(mount["mountPath"]), configmap["data"],
+    return Pod(command, PurePosixPath(mount["mountPath"]), data,
                container["readinessProbe"]["httpGet"]["path"],
                container["livenessProbe"]["httpGet"]["path"])
 
