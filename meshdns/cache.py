@@ -89,13 +89,18 @@ class ResponseCache:
                  enabled: bool = True) -> None:
         self.entries: dict[bytes, Cached] = {}
         self.metrics = metrics
+        self.bytes = 0  # charged by the entries held now
+        self.evictions = 0
+        self._tagged: dict[str | None, set[bytes]] = {}
+        self.resize(max_entries, max_bytes, enabled)
+
+    def resize(self, max_entries: int, max_bytes: int, enabled: bool = True) -> None:
+        """New limits (a config reload); what is cached now is dropped."""
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_entry_bytes = max(max_bytes // ENTRY_SHARE, 2048)
         self.enabled = enabled
-        self.bytes = 0  # charged by the entries held now
-        self.evictions = 0
-        self._tagged: dict[str | None, set[bytes]] = {}
+        self.clear()
 
     def __len__(self) -> int:
         return len(self.entries)

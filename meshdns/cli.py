@@ -156,19 +156,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.info("catalog %s: %d nodes, %d service instances, %d virtual IPs", catalog,
                      snapshot.counts["nodes"], snapshot.counts["instances"],
                      snapshot.counts["virtual_ips"])
+            for warning in source.warnings:
+                log.warning("catalog: %s", warning)
     except ConfigError as exc:
         log_problems(exc.problems)
         return 1
     from .server import install_uvloop, run
     from .workers import serve_worker, serve_workers
 
+    def reload_config() -> Config:
+        return _settings(args)[0]
+
     try:
         if is_worker():
-            return serve_worker(config, source)
+            return serve_worker(config, source, reload_config)
         if config.workers > 1:
-            return serve_workers(config, source, args.config)
+            return serve_workers(config, source, args.config, reload_config)
         log.debug("event loop: %s", install_uvloop())
-        return asyncio.run(run(config, source))
+        return asyncio.run(run(config, source, reload_config=reload_config))
     except OSError as exc:
         log.error("%s", exc.strerror or exc)  # no "[Errno 98]": the message says it
         return 1
@@ -184,7 +189,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return asyncio.run(check_consul(config))
     source = source_for(config, catalog)
     assert isinstance(source, FileSource)
-    snapshot = source.load()
+    previous = FileSource(config, Path(args.against)).load() if args.against else None
+    before = running_instances(args.server) if args.server else None
+    snapshot = source.load(previous, before)  # refused as the running server would refuse it
+    for warning in source.warnings:
+        print(f"{'error' if args.strict else 'warning'}: {warning}", file=sys.stderr)
     c = snapshot.counts
     print(f"config: {args.config or '(defaults)'}: ok (domain {config.domain}, "
           f"datacenter {config.datacenter}, listen {', '.join(config.listen)})")
@@ -194,7 +203,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  datacenters: {', '.join(sorted(snapshot.datacenters))}")
     print(f"  partitions: {', '.join(sorted(snapshot.partitions))}")
     print(f"  peers: {', '.join(sorted(snapshot.peers)) or '(none)'}")
-    return 0
+    if source.warnings:
+        print(f"  {len(source.warnings)} dangling references" + (": failing (--strict)"
+              if args.strict else " (warnings; --strict makes them errors)"))
+    return 1 if args.strict and source.warnings else 0
+
+
+def running_instances(admin_url: str) -> int:
+    """How many service instances a running meshdns serves (its admin ``/v1/catalog``)."""
+    import urllib.request
+
+    url = admin_url.rstrip("/") + "/v1/catalog"
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - operator's URL
+            return int(json.loads(response.read())["counts"]["instances"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError([f"--server {admin_url}: cannot read {url}: {exc}"]) from None
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -301,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to serve on, UDP and TCP (repeatable; port 0: any free)")
     serve.add_argument("--admin", metavar="HOST:PORT",
                        help="admin HTTP endpoint address, or 'off' (overrides the config)")
+    check.add_argument("--against", metavar="FILE",
+                       help="the catalog being served now: refuse CATALOG as a reload from it "
+                            "would be refused (catalog.max_drop)")
+    check.add_argument("--server", metavar="ADMIN_URL",
+                       help="a running meshdns's admin endpoint (http://HOST:PORT): compare "
+                            "with the catalog it serves, as --against does")
+    check.add_argument("--strict", action="store_true",
+                       help="dangling references (virtual_ips, failover, sameness_groups, "
+                            "prepared_queries, ingress naming what the catalog lacks) are "
+                            "errors, not warnings")
     serve.set_defaults(func=cmd_serve)
     check.set_defaults(func=cmd_check)
 

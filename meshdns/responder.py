@@ -82,17 +82,8 @@ class Responder:
     """Answers packets from the current snapshot; swap a new one in with ``swap``."""
 
     def __init__(self, config: Config, snapshot: Snapshot, metrics: Metrics | None = None) -> None:
-        self.config = config
-        self.settings = Settings.from_config(config)
         self.snapshot = snapshot
         self.metrics = metrics or Metrics()
-        domains = [config.domain] + ([config.alt_domain] if config.alt_domain else [])
-        domains.sort(key=lambda d: -d.count("."))
-        self.domain_names = tuple(domains)
-        self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
-        self.primary_labels = tuple(config.domain.split("."))
-        self.recursion = bool(config.dns.recursors)
-        self.max_udp_size = config.dns.max_udp_size
         # False while the source has nothing to serve (no data yet, or too stale): questions in
         # the domain get SERVFAIL, never cached, so the first good snapshot answers at once
         self.serving = True
@@ -105,6 +96,23 @@ class Responder:
         self._random = random.Random()
         # the most asked NXDOMAIN names (the status page): fed on the miss path only
         self.nxdomains = TopNames()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Answer by ``config`` from now on (TTLs, limits, SOA, domains, recursors, cache);
+        cached replies, built under the old one, are dropped."""
+        self.config = config
+        self.settings = Settings.from_config(config)
+        domains = [config.domain] + ([config.alt_domain] if config.alt_domain else [])
+        domains.sort(key=lambda d: -d.count("."))
+        self.domain_names = tuple(domains)
+        self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
+        self.primary_labels = tuple(config.domain.split("."))
+        self.recursion = bool(config.dns.recursors)
+        self.max_udp_size = config.dns.max_udp_size
+        c = config.cache
+        for cache in (self.udp_cache, self.tcp_cache):  # resized in place: the UDP path holds it
+            cache.resize(c.size, c.max_bytes, c.enabled)
 
     def swap(self, snapshot: Snapshot, change: Change = EVERYTHING) -> None:
         """Serve ``snapshot`` from now on (one assignment), dropping the cached replies that

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .catalog.snapshot import Snapshot, dismantle, empty_snapshot
 from .catalog.source import CatalogSource, Change, SourceState
 from .config import Config
+from .errors import ConfigError
 from .metrics import Metrics
 from .offload import in_thread
 from .responder import REBUILD_AFTER, Execute, Forward, Responder
@@ -292,9 +293,11 @@ class DnsServer:
     publishes. Until the first one arrives the responder holds an empty snapshot and answers
     SERVFAIL in the domain."""
 
-    def __init__(self, config: Config, source: CatalogSource) -> None:
+    def __init__(self, config: Config, source: CatalogSource,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.source = source
+        self.reload_config = reload_config  # SIGHUP: the config as the command line reads it
         self.metrics = Metrics()
         self.responder = Responder(config, empty_snapshot(config.datacenter), self.metrics)
         self.responder.serving = False  # no data yet
@@ -427,8 +430,41 @@ class DnsServer:
         self._keep(in_thread(lambda: dismantle(old), "meshdns-retire"))
 
     async def hangup(self) -> None:
-        """SIGHUP: read the catalog again."""
+        """SIGHUP: read the server config again (when it came from a file), then the catalog."""
+        if self.reload_config is not None:
+            self.apply_config()
         await self.source.reload("SIGHUP")
+
+    def apply_config(self) -> None:
+        """Re-read the config; apply what can change while serving, log what cannot."""
+        assert self.reload_config is not None
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config reload refused, keeping the running config: %s", problem)
+            return
+        old = self.config
+        changed = changed_settings(old, new)
+        if not changed:
+            log.info("config reloaded: no change")
+            return
+        restart = [name for name in changed if name in NEEDS_RESTART
+                   or name.split(".")[0] in NEEDS_RESTART]
+        # what needs a restart keeps its running value, so the config shown is the one in use
+        new = new.model_copy(update={
+            "listen": old.listen, "workers": old.workers,
+            "admin": new.admin.model_copy(update={"listen": old.admin.listen})})
+        self.config = new
+        self.responder.reconfigure(new)
+        logging.getLogger("meshdns").setLevel(new.log_level.upper())
+        restart += self.source.reconfigure(new)
+        live = [name for name in changed if name not in restart]
+        if live:
+            log.info("config reloaded: applied %s", ", ".join(live))
+        if restart:
+            log.warning("config reloaded: %s changed, which takes a restart to apply "
+                        "(still using the old value)", ", ".join(restart))
 
     async def stop(self, drain: float = DRAIN_TIMEOUT) -> None:
         """Drain, then close: accept no more TCP connections, answer what was already received
@@ -538,9 +574,10 @@ def install_uvloop() -> str:
 
 async def run(config: Config, source: CatalogSource,
               ready: Callable[[DnsServer], None] | None = None, reuse_port: bool = False,
-              admin: bool = True) -> int:
-    """Serve what ``source`` publishes until SIGTERM/SIGINT; SIGHUP reloads the catalog."""
-    server = DnsServer(config, source)
+              admin: bool = True, reload_config: Callable[[], Config] | None = None) -> int:
+    """Serve what ``source`` publishes until SIGTERM/SIGINT; SIGHUP reloads the catalog (and
+    the config, with ``reload_config``)."""
+    server = DnsServer(config, source, reload_config)
     # Started before the listeners open: a source with data at hand (a file read at start-up)
     # publishes it before its first await, so the first query already finds it.
     follower = asyncio.ensure_future(source.run(server.publish))
@@ -580,6 +617,25 @@ async def run(config: Config, source: CatalogSource,
         await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+#: Settings bound to sockets and processes at start-up.
+NEEDS_RESTART = frozenset({"listen", "workers", "admin.listen", "catalog.consul"})
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """Dotted names of the settings that differ (``dns.service_ttl``, ``listen``)."""
+    a, b = old.model_dump(), new.model_dump()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += [f"{key}.{sub}" for sub in sorted(set(a[key]) | set(b[key]))
+                    if a[key].get(sub) != b[key].get(sub)]
+        else:
+            out.append(key)
+    return out
 
 
 def _source_ended(task: asyncio.Future[None]) -> None:

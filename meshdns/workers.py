@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,26 +293,29 @@ class Supervisor:
         shutil.rmtree(self.spool, ignore_errors=True)
 
 
-def serve_workers(config: Config, source: CatalogSource,
-                  config_file: str | None = None) -> int:
+def serve_workers(config: Config, source: CatalogSource, config_file: str | None = None,
+                  reload_config: Callable[[], Config] | None = None) -> int:
     """Run the first worker here (on the source already loaded) and supervise the others."""
     config = claim_ports(config)
     install_uvloop()
     supervisor = Supervisor(config, source, config_file)
     try:
-        return asyncio.run(run(config, source, ready=supervisor.start, reuse_port=True))
+        return asyncio.run(run(config, source, ready=supervisor.start, reuse_port=True,
+                               reload_config=reload_config))
     finally:
         supervisor.stop()
 
 
-def serve_worker(config: Config, source: CatalogSource) -> int:
+def serve_worker(config: Config, source: CatalogSource,
+                 reload_config: Callable[[], Config] | None = None) -> int:
     """Run one worker started by a supervisor: on the shared port, dying with its parent."""
     install_uvloop()
 
     def ready(server: DnsServer) -> None:
         server._keep(asyncio.ensure_future(watch_supervisor()))
 
-    return asyncio.run(run(config, source, ready=ready, reuse_port=True, admin=False))
+    return asyncio.run(run(config, source, ready=ready, reuse_port=True, admin=False,
+                           reload_config=reload_config))
 
 
 __all__ = ["claim_ports", "is_worker", "serve_worker", "serve_workers", "worker_number"]

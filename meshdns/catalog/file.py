@@ -16,12 +16,27 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import Config
-from ..documents import Document, problems_from, read_document, real_path, validate
+from ..documents import (
+    Document,
+    error_message,
+    problems_from,
+    read_document,
+    real_path,
+    validate,
+)
 from ..errors import ConfigError
 from ..offload import in_thread
-from .model import Catalog, CatalogFile
-from .snapshot import CatalogProblems, Snapshot, build_snapshot, release_free_memory
+from .checks import dangling_references, drop_refusal
+from .model import Catalog, CatalogFile, Service
+from .snapshot import (
+    CatalogProblems,
+    Snapshot,
+    build_snapshot,
+    dismantle,
+    release_free_memory,
+)
 from .source import EVERYTHING, Publish, SourceState
+from .writers import WriterWatch
 
 log = logging.getLogger("meshdns")
 
@@ -50,7 +65,28 @@ def read_catalog(path: Path, yielding: bool = False,
                            "catalog is kept (write `nodes: []` to serve nothing on purpose)"])
     if not isinstance(doc.data, dict):
         raise ConfigError([f"{doc.where(())}: expected a mapping with nodes, services, ..."])
-    return validate(doc, CatalogFile), doc
+    try:
+        return validate(doc, CatalogFile), doc
+    except ConfigError as exc:  # report the services' own problems in the same pass
+        raise ConfigError(exc.problems + _service_problems(doc)) from None
+
+
+def _service_problems(doc: Document) -> list[str]:
+    """Each service entry's validation problems (normally found one by one while the snapshot
+    is built; needed here when another section failed first)."""
+    services = doc.data.get("services")
+    if not isinstance(services, list):
+        return []
+    out = []
+    for i, entry in enumerate(services):
+        try:
+            Service.model_validate(entry)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+                where = doc.where(real_path(doc.data, ("services", i, *loc)))
+                out.append(f"{where}: {error_message(err, Service)}")
+    return out
 
 
 def _text(path: Path, raw: bytes) -> str:
@@ -200,8 +236,12 @@ def load_snapshot(
     previous: Snapshot | None = None,
     yielding: bool = False,
     max_size: int | None = None,
+    warnings: list[str] | None = None,
 ) -> Snapshot:
     """File to snapshot; every problem is reported as ``file:line: field: reason``.
+
+    ``warnings``: when given, references that lead nowhere (``catalog/checks.py``) are added
+    to it, in the same form.
 
     The cyclic garbage collector is paused while the snapshot is built: a large catalog is
     hundreds of thousands of new objects, none of them garbage, and collections triggered by
@@ -217,7 +257,7 @@ def load_snapshot(
         raw = read_file(path, max_size)
         catalog, doc = read_catalog(path, yielding, raw)
         try:
-            return build_snapshot(
+            snapshot = build_snapshot(
                 catalog, local_datacenter=local_datacenter, vip_range=vip_range,
                 previous=previous, version=version, yielding=yielding,
             )
@@ -225,6 +265,9 @@ def load_snapshot(
             doc = doc or read_document(path, _text(path, raw))
             raise ConfigError([f"{doc.where(real_path(doc.data, p))}: {msg}"
                                for p, msg in exc.problems]) from None
+        if warnings is not None:
+            warnings += _dangling(path, raw, catalog, snapshot, doc)
+        return snapshot
     finally:
         if paused:
             # Everything built here lives as long as the snapshot and has no cycles: freeze it
@@ -234,6 +277,20 @@ def load_snapshot(
             gc.freeze()
             gc.enable()
         release_free_memory()  # what the parse left behind (see release_free_memory)
+
+
+def _dangling(path: Path, raw: bytes, catalog: Catalog, snapshot: Snapshot,
+              doc: Document | None) -> list[str]:
+    services = doc.data.get("services") if doc else None
+    problems = dangling_references(catalog, snapshot, services)
+    if problems and doc is None:  # JSON: lines are looked up only when there is a problem
+        doc = read_document(path, _text(path, raw))
+        services = doc.data.get("services") if isinstance(doc.data, dict) else None
+        problems = dangling_references(catalog, snapshot, services)
+    if not problems:
+        return []
+    assert doc is not None
+    return [f"{doc.where(real_path(doc.data, p))}: {msg}" for p, msg in problems]
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -250,6 +307,11 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
 Signature = tuple[int, int, int]
 
 SETTLE = 0.1  # seconds a changed file must hold still before it is read
+# A document that fails (or is refused) right after a change may be a writer's pause: it is
+# reported once it has held still this long. (A finished broken edit waits this long for its
+# error; a file being written never produces one.)
+PARTIAL_GRACE = 1.0
+WRITER_PATIENCE = 10.0  # seconds to wait for a writer that keeps the file open, then read
 RETRY_FIRST, RETRY_MAX = 0.25, 30.0  # back-off (seconds) for reads that failed for a passing reason
 
 
@@ -259,7 +321,8 @@ class FileSource:
     Every way a read can go wrong ends the same way: the reason is logged as ``file:line:
     field: reason`` (or ``file: reason``), counted in ``state.errors``, kept in
     ``state.last_error``, and the last good snapshot keeps being served. The watch loop itself
-    never dies."""
+    never dies. A read is refused, too, when the new document is empty or would drop more than
+    ``catalog.max_drop`` of the instances (see ``checks.py``)."""
 
     kind = "file"
 
@@ -269,22 +332,34 @@ class FileSource:
         self.follow_config = follow_config  # path is the config's catalog.file (not --catalog)
         self.state = SourceState("file", detail={"file": str(path)})
         self.snapshot: Snapshot | None = None  # the last good one
+        self.warnings: list[str] = []  # dangling references of the last good one
         self._publish: Publish | None = None
         self._seen: Signature | None = None  # the version of the file last read, good or bad
         self.accepted: Signature | None = None  # the version the last good snapshot came from
         self._retry_at: float | None = None  # monotonic: read again then, even unchanged
         self._backoff = RETRY_FIRST
-        self._busy = False  # a read in flight
+        self._held: tuple[list[str], float] | None = None  # problems kept back (PARTIAL_GRACE)
+        self._writer_since: float | None = None  # monotonic: when a writer was first seen
+        self._writers = WriterWatch(path)
+        self._busy = False  # a reload in flight
         self._again: str | None = None  # why a reload was asked for while one was in flight
+        self._parse: asyncio.Future[tuple[Snapshot, list[str]]] | None = None  # still running
 
     # -- reading ------------------------------------------------------------------------------
 
-    def load(self) -> Snapshot:
+    def load(self, previous: Snapshot | None = None, before: int | None = None) -> Snapshot:
         """Read the file now, in this thread (start-up, ``meshdns check``). Raises
-        ``ConfigError`` with every problem found; nothing else escapes."""
+        ``ConfigError`` with every problem found; nothing else escapes. ``previous`` (a
+        snapshot) or ``before`` (its instance count): refuse as a reload from it would."""
         signature = file_signature(self.path)
-        snapshot = self._build(None, yielding=False)
-        self._accept(snapshot, signature)
+        snapshot, warnings = self._build(previous, yielding=False)
+        if previous is not None:
+            before = previous.counts["instances"]
+        refusal = drop_refusal(before, snapshot.counts["instances"],
+                               self.config.catalog.max_drop)
+        if refusal:
+            raise ConfigError([f"{self.path}: {refusal}"])
+        self._accept(snapshot, signature, warnings)
         return snapshot
 
     def adopt(self, snapshot: Snapshot, problems: list[str]) -> None:
@@ -292,19 +367,21 @@ class FileSource:
         its supervisor's last good one), while the file itself, as it is now, is refused for
         ``problems``: it is read again when it changes."""
         signature = file_signature(self.path)
-        self._accept(snapshot, signature)
+        self._accept(snapshot, signature, [])
         self.accepted = None  # the file's current version is not what is served
         self._refuse(problems, signature, retry=False)
 
-    def _build(self, previous: Snapshot | None, yielding: bool) -> Snapshot:
-        """File to snapshot, whatever goes wrong turned into a ``ConfigError`` naming the file
-        (a parser's MemoryError or RecursionError must not kill the watcher, nor show a
-        traceback to ``meshdns check``)."""
+    def _build(self, previous: Snapshot | None, yielding: bool) -> tuple[Snapshot, list[str]]:
+        """File to snapshot and its warnings, whatever goes wrong turned into a
+        ``ConfigError`` naming the file (a parser's MemoryError or RecursionError must not
+        kill the watcher, nor show a traceback to ``meshdns check``)."""
         config = self.config
+        warnings: list[str] = []
         try:
-            return load_snapshot(self.path, local_datacenter=config.datacenter,
-                                 vip_range=config.virtual_ip_range, previous=previous,
-                                 yielding=yielding, max_size=config.catalog.max_size)
+            snapshot = load_snapshot(
+                self.path, local_datacenter=config.datacenter,
+                vip_range=config.virtual_ip_range, previous=previous, yielding=yielding,
+                max_size=config.catalog.max_size, warnings=warnings)
         except ConfigError:
             raise
         except RecursionError:
@@ -315,33 +392,45 @@ class FileSource:
         except Exception as exc:  # noqa: BLE001 - whatever a parser raises is a bad file
             raise ConfigError([f"{self.path}: cannot be read: {type(exc).__name__}: "
                                f"{exc}"]) from None
+        return snapshot, warnings
 
-    def _accept(self, snapshot: Snapshot, signature: Signature | None) -> None:
+    def _accept(self, snapshot: Snapshot, signature: Signature | None,
+                warnings: list[str]) -> None:
         recovered = self.state.failing_since
         self.snapshot = snapshot
         self._seen = self.accepted = signature
         self._retry_at = None
+        self._held = None
         self._backoff = RETRY_FIRST
         state = self.state
         state.ready = state.serving = True
         state.last_error = None
         state.failing_since = None
         state.last_success = time.time()
+        self.warnings = warnings
         state.detail = {"file": str(self.path), "generation": snapshot.generation,
-                        "counts": dict(snapshot.counts)}
+                        "counts": dict(snapshot.counts), "warnings": warnings[:100]}
         if recovered is not None:
-            log.info("catalog %s: readable again after %.1f s of failures", self.path,
+            log.info("catalog %s: read again after %.1f s of failures", self.path,
                      time.time() - recovered)
 
-    def _refuse(self, problems: list[str], signature: Signature | None, retry: bool) -> None:
-        """A read that gave nothing to serve: say why, count it, keep the last good one."""
-        state = self.state
+    def _refuse(self, problems: list[str], signature: Signature | None, *, retry: bool = False,
+                hold: bool = False) -> None:
+        """A read that gave nothing to serve: say why, count it, keep the last good one.
+        ``retry``: it may succeed unchanged (read again, backing off); ``hold``: it may be a
+        writer's pause (say nothing until the file has held still for PARTIAL_GRACE)."""
         self._seen = signature
+        if hold:
+            self._held = (problems, time.monotonic() + PARTIAL_GRACE)
+            log.debug("catalog %s: not complete yet? %s", self.path, problems[0])
+            return
+        self._held = None
+        state = self.state
         state.errors += 1
         state.last_error = "\n".join(problems)
         if state.failing_since is None:
             state.failing_since = time.time()
-        if retry:  # may succeed unchanged: try again, backing off
+        if retry:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, RETRY_MAX)
         else:
@@ -361,30 +450,45 @@ class FileSource:
             publish(self.snapshot, EVERYTHING)
         else:
             await self.reload("start")
-        while True:
-            await asyncio.sleep(self.config.catalog.poll_interval)
-            try:
-                await self._poll()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the watcher must outlive any bug of its own
-                log.exception("catalog watcher: unexpected error (still watching)")
+        try:
+            while True:
+                await asyncio.sleep(self.config.catalog.poll_interval)
+                try:
+                    await self._poll()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the watcher must outlive any bug of its own
+                    log.exception("catalog watcher: unexpected error (still watching)")
+        finally:
+            self._writers.close()
 
     async def _poll(self) -> None:
+        writing = self._writers.busy()  # read every time: its events queue up otherwise
         signature = file_signature(self.path)
-        if signature != self._seen:
-            if signature is None:  # gone (or unreadable directory): an error at once
-                missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-                self._refuse(ReadFailed(self.path, missing).problems, None, retry=True)
+        now = time.monotonic()
+        if signature == self._seen:
+            if self._held is not None and now >= self._held[1]:
+                self._refuse(self._held[0], signature)  # it stayed that way: now it counts
+            elif self._retry_at is not None and now >= self._retry_at:
+                await self.reload("retry")
+            return
+        if signature is None:  # deleted, or its folder is unreadable: an error at once
+            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            self._refuse(ReadFailed(self.path, missing).problems, None, retry=True)
+            return
+        if writing:  # a writer has it open: whatever is there now may be a part
+            if self._writer_since is None:
+                self._writer_since = now
+            if now - self._writer_since < WRITER_PATIENCE:
                 return
-            # Rewritten in place (same inode), the file may still be half-written, and even
-            # a rename may land a file its writer has just closed: let it hold still first.
-            await asyncio.sleep(SETTLE)
-            if file_signature(self.path) != signature:
-                return
-            await self.reload("file changed")
-        elif self._retry_at is not None and time.monotonic() >= self._retry_at:
-            await self.reload("retry")
+            log.warning("catalog %s: still open for writing after %.0f s; reading it anyway",
+                        self.path, WRITER_PATIENCE)
+        self._writer_since = None
+        # Even a file whose writer is gone (or unseen: no inotify) must hold still first.
+        await asyncio.sleep(SETTLE)
+        if file_signature(self.path) != signature or self._writers.busy():
+            return
+        await self.reload("file changed")
 
     async def reload(self, why: str) -> None:
         """Read the file off the event loop; publish the new snapshot, or keep the last good
@@ -403,19 +507,40 @@ class FileSource:
             self._busy = False
 
     async def _reload_once(self, why: str) -> None:
+        if self._parse is not None and not self._parse.done():
+            # an abandoned parse still runs (max_parse_time): a second would double the memory
+            log.debug("catalog %s: reload (%s) put off: the last one is still parsing",
+                      self.path, why)
+            return
         signature = file_signature(self.path)
         started = time.perf_counter()
         previous = self.snapshot
+        limit = self.config.catalog.max_parse_time
+        self._parse = parse = in_thread(lambda: self._build(previous, yielding=True),
+                                        "meshdns-reload")
+        held = why == "file changed"  # a content problem may be a writer's pause
         try:
-            snapshot = await in_thread(lambda: self._build(previous, yielding=True),
-                                       "meshdns-reload")
+            snapshot, warnings = await asyncio.wait_for(asyncio.shield(parse), limit)
+        except TimeoutError:
+            parse.add_done_callback(_discard)
+            self._refuse([f"{self.path}: still parsing after {limit:g} s "
+                          "(catalog.max_parse_time): abandoned"], signature)
+            return
         except ReadFailed as exc:
             self._refuse(exc.problems, signature, retry=True)
             return
         except ConfigError as exc:
-            self._refuse(exc.problems, signature, retry=False)
+            self._refuse(exc.problems, signature, hold=held)
             return
-        self._accept(snapshot, signature)
+        refusal = drop_refusal(previous.counts["instances"] if previous else None,
+                               snapshot.counts["instances"], self.config.catalog.max_drop)
+        if refusal:
+            _discard(parse)
+            self._refuse([f"{self.path}: {refusal}"], signature, hold=held)
+            return
+        self._accept(snapshot, signature, warnings)
+        for warning in warnings:
+            log.warning("catalog: %s", warning)
         if self._publish is not None:
             self._publish(snapshot, EVERYTHING)
         log.info("catalog reloaded (%s): generation %d, %d nodes, %d instances in %.0f ms",
@@ -423,6 +548,23 @@ class FileSource:
                  snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
 
     def reconfigure(self, config: Config) -> list[str]:
-        """Take a new server config: its catalog settings apply from the next read."""
+        """Take a new server config: its catalog settings apply from the next read, and a
+        new ``catalog.file`` is followed from now on (unless ``--catalog`` chose the file)."""
         self.config = config
+        path = config.catalog_path()
+        if self.follow_config and path is not None and path != self.path:
+            log.info("catalog file is now %s (was %s)", path, self.path)
+            self.path = path
+            self._seen = None
+            self._writers.close()
+            self._writers = WriterWatch(path)
         return []
+
+
+def _discard(parse: asyncio.Future[tuple[Snapshot, list[str]]]) -> None:
+    """Free what an abandoned or refused parse built, off the event loop."""
+    if parse.cancelled() or parse.exception() is not None:
+        return
+    snapshot = parse.result()[0]
+    in_thread(lambda: dismantle(snapshot), "meshdns-retire").add_done_callback(
+        lambda f: f.exception())
