@@ -90,8 +90,10 @@ class Server:
     def __init__(self, catalog: Path, workdir: Path, cpu: str) -> None:
         self.log_path = workdir / f"meshdns-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115
-        cmd = ["taskset", "-c", cpu, project_python(), "-m", "meshdns", "serve",
-               "--catalog", str(catalog), "--listen", "127.0.0.1:0", "--admin", "off"]
+        config = workdir / "scale-config.yaml"  # catalogs past the default catalog.max_size
+        config.write_text("catalog: {max_size: 1GiB}\n")
+        cmd = ["taskset", "-c", cpu, project_python(), "-m", "meshdns", "serve", "--config",
+               str(config), "--catalog", str(catalog), "--listen", "127.0.0.1:0", "--admin", "off"]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = 0

@@ -199,6 +199,7 @@ def _meshdns_conf(run_dir: Path, opts: Options) -> Path:
     # the large-edns workload and the answer checks ask with EDNS 4096 for full answers; the
     # default dns.max_udp_size (1232) would answer them TC
     config.setdefault("dns", {}).setdefault("max_udp_size", 4096)
+    config.setdefault("catalog", {}).setdefault("max_size", "1GiB")  # large generated catalogs
     config["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
     if opts.meshdns_workers:
         config["workers"] = opts.meshdns_workers

@@ -338,10 +338,12 @@ class CatalogSettings(_Model):
     poll_interval: Annotated[Duration, AfterValidator(
         at_least(0.005, "a shorter interval polls the file in a busy loop"))] = Field(
         0.025, description="How often the catalog file is checked for a change (at least 5ms).")
-    # Parsing costs ~10x the file's size in memory for JSON and far more for YAML: the default
-    # keeps a reload inside the shipped 256 MiB pod.
-    max_size: ByteSize = Field(16 * 1024**2, ge=1, description="A larger catalog file is "
-                               "refused unread (bytes, or `16MiB`, `1GB`, ...).")
+    # Loading costs ~20x the file's size in memory as JSON, ~100x as YAML (measured): the
+    # default keeps a reload inside the shipped 256 MiB pod, and holds any ConfigMap (1 MiB).
+    max_size: ByteSize = Field(2 * 1024**2, ge=1, description="A larger catalog file is "
+                               "refused unread (bytes, or `2MiB`, `1GB`, ...). Loading takes "
+                               "~20x the file's size in memory as JSON, ~100x as YAML: raise it "
+                               "with the memory limit, and use JSON for large catalogs.")
     max_parse_time: Duration = Field(60.0, gt=0, description="A reload still parsing after "
                                      "this long is abandoned (the last good catalog stays).")
     max_drop: float = Field(0.5, ge=0.0, le=1.0, description="A reload that would remove more "

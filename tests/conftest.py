@@ -51,11 +51,14 @@ class MeshdnsProcess:
     """A running ``meshdns serve``."""
 
     def __init__(self, workdir: Path, catalog: Path | None = None,
-                 config: dict | None = None, args: list[str] | None = None) -> None:
+                 config: dict | None = None, args: list[str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.workdir = workdir
         self.catalog = catalog
         self.log_path = workdir / f"meshdns-{time.monotonic_ns()}.log"
-        cmd = [*MESHDNS, "serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        # prefix: run it through another command (setpriv, to run as another user)
+        cmd = [*(prefix or []), *MESHDNS, "serve", "--listen", "127.0.0.1:0", "--admin",
+               "127.0.0.1:0"]
         if config is not None:
             self.config_path = workdir / "config.yaml"
             self.config_path.write_text(yaml.safe_dump(config))

@@ -106,8 +106,8 @@ class _Known:
                                "partition": self.snapshot.partitions,
                                "datacenter": self.snapshot.datacenters}[kind]
         close = difflib.get_close_matches(name.lower(), sorted(pool), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"no {kind} {name!r} in the catalog" + (f" ({where})" if where else "") + hint
+        notes = ([where] if where else []) + ([f"did you mean {close[0]!r}?"] if close else [])
+        return f"no {kind} {name!r} in the catalog" + (f" ({'; '.join(notes)})" if notes else "")
 
     def targets(self, base: tuple[str | int, ...], targets: Sequence[Target]) -> list[Problem]:
         out: list[Problem] = []
