@@ -88,6 +88,7 @@ def consul(name: str) -> dict[str, Any]:
     """What a field mirrors in Consul, for the generated reference (``docs/``)."""
     return {"x-consul": name}
 
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
                "GB": 1000**3, "GiB": 1024**3}
@@ -104,7 +105,10 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"expected a size like 64MiB, 500KB or a number of bytes, got {value!r}")
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+SIZE_SCHEMA = {"anyOf": [
+    {"type": "integer", "minimum": 1},
+    {"type": "string", "pattern": r"^\s*\d+(?:\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$"}]}
+ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
 
 
 def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
