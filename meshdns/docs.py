@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from .catalog.model import Catalog, Service
-from .config import Config, format_duration, parse_duration
+from .config import Config, format_duration, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = Path("docs")
@@ -118,10 +118,16 @@ def _is_duration(metadata: list[Any]) -> bool:
     return any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in metadata)
 
 
+def _is_size(metadata: list[Any]) -> bool:
+    return any(isinstance(m, BeforeValidator) and m.func is parse_size for m in metadata)
+
+
 def type_name(annotation: Any, metadata: list[Any], links: dict[type[BaseModel], str]) -> str:
     """A field's type as a reader would say it: ``duration``, ``list of name``, ..."""
     if _is_duration(metadata):
         return "duration"
+    if _is_size(metadata):
+        return "size (bytes, or `64MiB`, `500KB`, ...)"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
         inner = list(annotation.__metadata__)

@@ -141,6 +141,12 @@ def test_schema_durations_accept_what_meshdns_accepts(value: Any) -> None:
     jsonschema.validate({"dns": {"node_ttl": value}}, schema("config.schema.json"))
 
 
+@pytest.mark.parametrize("value", ["16MiB", "500KB", "1GiB", 4096])
+def test_schema_sizes_accept_what_meshdns_accepts(value: Any) -> None:
+    jsonschema.validate({"catalog": {"max_size": value}}, schema("config.schema.json"))
+    assert Config.model_validate({"catalog": {"max_size": value}}).catalog.max_size > 0
+
+
 @pytest.mark.parametrize("value", ["1d", "-1s", "", "10x", "1m30"])
 def test_schema_durations_refuse_what_meshdns_refuses(value: str) -> None:
     with pytest.raises(ValueError):
