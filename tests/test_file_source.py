@@ -434,6 +434,37 @@ def test_check_reports_every_problem_of_a_file_in_one_pass(tmp_path: Path) -> No
         f"{catalog}:5: services[1].port"], lines
 
 
+# --- a reload drops only the cached answers it may have changed ---------------------------------
+
+TWO = CATALOG + "  - {name: api, id: api-1, node: node-1, port: 81, address: 10.0.2.1}\n"
+
+
+def cache_entries(server: MeshdnsProcess) -> int:
+    for line in admin(server, "/metrics")[1].splitlines():
+        if line.startswith("meshdns_cache_entries "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no meshdns_cache_entries")
+
+
+def test_a_reload_keeps_the_cached_answers_of_untouched_services(served) -> None:
+    server, catalog = served(TWO)
+    assert web(server) == WEB and web(server, "api.service.consul") == ["10.0.2.1"]
+    assert cache_entries(server) == 2
+    replace(catalog, TWO.replace("10.0.2.1", "10.0.2.2"))  # only api changes
+    assert wait_for(lambda: web(server, "api.service.consul") == ["10.0.2.2"], timeout=10)
+    [reloaded] = logged(server, "catalog reloaded")
+    assert reloaded.endswith("(1 services changed)"), reloaded
+    assert cache_entries(server) == 2  # web's answer stayed, api's was rebuilt
+    assert web(server) == WEB
+    # a node edit may change any answer: everything goes
+    replace(catalog, TWO.replace("10.0.2.2", "10.0.2.1").replace("address: 10.0.0.1",
+                                                                "address: 10.0.0.9"))
+    assert wait_for(lambda: web(server, "api.service.consul") == ["10.0.2.1"], timeout=10)
+    assert logged(server, "catalog reloaded")[-1].endswith("(every answer may change)")
+    assert cache_entries(server) == 1
+    assert web(server) == WEB
+
+
 # --- issue 10 point 6: the server config on SIGHUP ------------------------------------------
 
 

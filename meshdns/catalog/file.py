@@ -35,7 +35,7 @@ from .snapshot import (
     dismantle,
     release_free_memory,
 )
-from .source import EVERYTHING, Publish, SourceState
+from .source import EVERYTHING, Change, Publish, SourceState
 from .writers import WriterWatch
 
 log = logging.getLogger("meshdns")
@@ -345,7 +345,7 @@ class FileSource:
         self._writers = WriterWatch(path)
         self._busy = False  # a reload in flight
         self._again: str | None = None  # why a reload was asked for while one was in flight
-        self._parse: asyncio.Future[tuple[Snapshot, list[str]]] | None = None  # still running
+        self._parse: asyncio.Future[tuple[Snapshot, list[str], Change]] | None = None  # running
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -519,11 +519,14 @@ class FileSource:
         started = time.perf_counter()
         previous = self.snapshot
         limit = self.config.catalog.max_parse_time
-        self._parse = parse = in_thread(lambda: self._build(previous, yielding=True),
-                                        "meshdns-reload")
+        def work() -> tuple[Snapshot, list[str], Change]:
+            snapshot, warnings = self._build(previous, yielding=True)
+            return snapshot, warnings, change_between(previous, snapshot)
+
+        self._parse = parse = in_thread(work, "meshdns-reload")
         held = why == "file changed"  # a content problem may be a writer's pause
         try:
-            snapshot, warnings = await asyncio.wait_for(asyncio.shield(parse), limit)
+            snapshot, warnings, change = await asyncio.wait_for(asyncio.shield(parse), limit)
         except TimeoutError:
             parse.add_done_callback(_discard)
             self._refuse([f"{self.path}: still parsing after {limit:g} s "
@@ -545,10 +548,12 @@ class FileSource:
         for warning in warnings:
             log.warning("catalog: %s", warning)
         if self._publish is not None:
-            self._publish(snapshot, EVERYTHING)
-        log.info("catalog reloaded (%s): generation %d, %d nodes, %d instances in %.0f ms",
+            self._publish(snapshot, change)
+        log.info("catalog reloaded (%s): generation %d, %d nodes, %d instances in %.0f ms (%s)",
                  why, snapshot.generation, snapshot.counts["nodes"],
-                 snapshot.counts["instances"], (time.perf_counter() - started) * 1000)
+                 snapshot.counts["instances"], (time.perf_counter() - started) * 1000,
+                 "every answer may change" if change.everything else
+                 f"{len(change.services)} services changed")
 
     def reconfigure(self, config: Config) -> list[str]:
         """Take a new server config: its catalog settings apply from the next read, and a
@@ -564,7 +569,36 @@ class FileSource:
         return []
 
 
-def _discard(parse: asyncio.Future[tuple[Snapshot, list[str]]]) -> None:
+#: More changed services than this: drop the whole response cache rather than list them.
+MAX_LISTED_CHANGES = 5000
+
+
+def change_between(old: Snapshot | None, new: Snapshot) -> Change:
+    """What a reload changed, found by comparing the two snapshots (in the reload's thread), so
+    the response cache keeps every answer about the services an edit did not touch. Nodes,
+    topology and config entries changed: everything. (Answers that depend on nodes, addresses
+    or the SOA are untagged and dropped on any change; see ``cache.py``.)"""
+    if old is None or not old.generation:
+        return EVERYTHING
+    for name in ("local_datacenter", "nodes", "datacenters", "peers", "partitions", "failover",
+                 "sameness_groups", "default_sameness", "prepared_queries", "rtt"):
+        if getattr(old, name) != getattr(new, name):
+            return EVERYTHING
+    changed: set[str] = set()
+    for index in ("services", "connect", "ingress"):
+        before, after = getattr(old, index), getattr(new, index)
+        for key in before.keys() | after.keys():
+            if before.get(key) != after.get(key):
+                changed.add(key[-1])
+        if len(changed) > MAX_LISTED_CHANGES:
+            return EVERYTHING
+    for key in old.vips.keys() | new.vips.keys():
+        if old.vips.get(key) != new.vips.get(key):
+            changed.add(key[-1])
+    return Change(services=frozenset(changed))
+
+
+def _discard(parse: asyncio.Future[tuple[Snapshot, list[str], Change]]) -> None:
     """Free what an abandoned or refused parse built, off the event loop."""
     if parse.cancelled() or parse.exception() is not None:
         return
