@@ -8,7 +8,8 @@ of them without coordination. The guarantees:
 
 - **One instance per port.** ``SO_REUSEPORT`` would let a second meshdns (same user) join the
   port silently and split the answers between two catalogs; so the supervisor first binds each
-  address *without* it, and refuses to start when that fails.
+  address *without* it, and refuses to start when that fails, then holds a lock file per address
+  (two supervisors starting at the same moment both find the port free; one gets the lock).
 - **Workers die with their supervisor.** Each worker asks the kernel for SIGTERM when its parent
   dies (``PR_SET_PDEATHSIG``) and also checks its parent every second, so a SIGKILLed
   supervisor leaves nothing serving.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -73,11 +75,32 @@ def worker_number(config: Config) -> int | None:
 # --- the port check -----------------------------------------------------------------------
 
 
+_held_locks: list[int] = []  # one open lock file per claimed address, for the process's life
+
+
+def port_lock_path(host: str, port: int) -> Path:
+    name = f"meshdns-{os.getuid()}-{host.replace(':', '_')}-{port}.lock"
+    return Path(tempfile.gettempdir()) / name
+
+
+def lock_port(host: str, port: int, shown: str) -> None:
+    """Close the gap between the probe and the workers' binds: two supervisors starting at once
+    both find the port free, but only one gets this lock (held until the process exits)."""
+    fd = os.open(port_lock_path(host, port), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {shown}: another meshdns is starting "
+                      f"on it (lock {port_lock_path(host, port)})") from None
+    _held_locks.append(fd)
+
+
 def claim_ports(config: Config) -> Config:
     """The config with every listen port made concrete, after checking that nothing else
     serves it: each address is bound once without SO_REUSEPORT (TCP with SO_REUSEADDR, as the
-    server binds it, so connections in TIME_WAIT do not count), then released for the workers'
-    SO_REUSEPORT sockets. Raises ``OSError`` naming the address otherwise."""
+    server binds it, so connections in TIME_WAIT do not count), locked, then released for the
+    workers' SO_REUSEPORT sockets. Raises ``OSError`` naming the address otherwise."""
     listen = []
     for host, port in config.listen_addresses():
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -101,7 +124,9 @@ def claim_ports(config: Config) -> Config:
             break
         else:
             raise OSError(errno.EADDRINUSE, f"cannot listen on {host}:0: no free port")
-        listen.append(f"[{host}]:{concrete}" if ":" in host else f"{host}:{concrete}")
+        shown = f"[{host}]:{concrete}" if ":" in host else f"{host}:{concrete}"
+        lock_port(host, concrete, shown)
+        listen.append(shown)
     return config.model_copy(update={"listen": listen})
 
 

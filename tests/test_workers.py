@@ -231,3 +231,27 @@ def test_log_lines_name_the_worker(tmp_path: Path) -> None:
         assert all("worker" in e and "pid" in e for e in server.logs())
     finally:
         assert server.stop() == 0
+
+
+def test_a_supervisor_starting_at_the_same_moment_is_refused(tmp_path: Path) -> None:
+    """Two supervisors started together both find the port free; the lock lets one through.
+    Here the other one's lock is held by this test."""
+    import fcntl
+
+    from conftest import free_port
+
+    from meshdns.workers import port_lock_path
+
+    port = free_port()
+    with open(port_lock_path("127.0.0.1", port), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config = tmp_path / "config.yaml"
+        config.write_text("workers: 2\nadmin: {listen: null}\n")
+        second = subprocess.run([*MESHDNS, "serve", "--config", str(config), "--example",
+                                 "--listen", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1, second.stderr
+    last = json.loads(second.stderr.splitlines()[-1])
+    assert last["msg"].startswith(f"cannot listen on 127.0.0.1:{port}: another meshdns is "
+                                  "starting on it")
+    assert port_is_free(port)
