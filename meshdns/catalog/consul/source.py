@@ -56,7 +56,9 @@ log = logging.getLogger("meshdns.consul")
 
 TOPOLOGY_POLL = 30.0  # seconds between reads of datacenters, partitions, namespaces, peerings
 RESCAN_INTERVAL = 10.0  # at most one whole re-read of a scope this often
+POLL_WHEN_FULL = 5.0  # seconds between polls of a watch the blocking lane has no room for
 FLUSH_DELAY = 0.005  # results arriving within this are published as one snapshot
+RETRY_CAP = 5.0  # seconds between retries of a service whose fetch keeps failing
 STALE_LOG_EVERY = 60.0
 
 
@@ -118,6 +120,10 @@ class ConsulCatalogSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._topology_changed = asyncio.Event()
         self._last_stale_log = 0.0
+        self._blocking = 0  # blocking watches started (each holds one request)
+        self._lane_warned = False
+        self._retries: dict[tuple[Scope, str], int] = {}  # failed fetches in a row
+        self._denied_logged: set[str] = set()
 
     # --- the CatalogSource protocol ------------------------------------------------------
 
@@ -173,6 +179,25 @@ class ConsulCatalogSource:
         out += [w for items in self.config_watches.values() for _, w in items]
         return out
 
+    def _watch(self, endpoint: str, params: dict[str, str], handler: Any, *,
+               optional: bool = False, **kw: Any) -> Watch:
+        """A watch that blocks while the blocking lane has a slot for it; beyond that it polls
+        (every POLL_WHEN_FULL seconds), so requests in flight stay within max_requests."""
+        assert self.client is not None
+        blocking = self._blocking < self.client.limiter.maximum
+        if blocking:
+            self._blocking += 1
+        elif not self._lane_warned:
+            self._lane_warned = True
+            log.warning("consul: max_requests %d leaves room for %d blocking watches: the "
+                        "others poll every %gs (raise max_requests to follow every scope with "
+                        "blocking queries)", self.settings.max_requests,
+                        self.client.limiter.maximum, POLL_WHEN_FULL)
+        # an optional endpoint missing here (404 on Consul CE) is asked again every 30 s
+        return Watch(self.client, endpoint, params, handler, blocking=blocking,
+                     poll=30.0 if blocking else POLL_WHEN_FULL,
+                     on_error=self._on_error(optional), on_reply=self._reachable, **kw)
+
     def _reachable(self) -> None:
         """Consul answered something: it is reachable."""
         state = self.state
@@ -181,6 +206,8 @@ class ConsulCatalogSource:
             log.info("consul %s reachable again after %.0fs", self.settings.address,
                      time.time() - state.failing_since)
             state.failing_since = None
+            for watch in self.watches():  # the others stop backing off: retry at once
+                watch.wake.set()
             if not state.serving and state.ready:
                 state.serving = True
                 self._republish()
@@ -279,9 +306,13 @@ class ConsulCatalogSource:
                 if exc.status == 403:
                     self._failed(exc)
                     self.topology.last_error = str(exc)
+                    if path not in self._denied_logged:  # polled: say it once
+                        self._denied_logged.add(path)
+                        log.warning("%s (going on without it)", exc)
                 return fallback
             raise
         self._reachable()
+        self._denied_logged.discard(path)
         try:
             return read(reply.body)
         except Malformed as exc:
@@ -365,13 +396,11 @@ class ConsulCatalogSource:
         assert self.client is not None
         sw = ScopeWatch(scope)
         params = scope.params(self.local_dc)
-        checks = Watch(self.client, "/v1/health/state/any", params,
-                       lambda body: self._checks_changed(sw, body),
-                       on_error=self._on_error(False), on_reply=self._reachable)
-        names = Watch(self.client, "/v1/catalog/services", params,
-                      lambda body: self._names_changed(sw, body),
-                      on_error=self._on_error(False), on_reply=self._reachable,
-                      on_same=lambda index: self._unexplained(sw, index))
+        checks = self._watch("/v1/health/state/any", params,
+                             lambda body: self._checks_changed(sw, body))
+        names = self._watch("/v1/catalog/services", params,
+                            lambda body: self._names_changed(sw, body),
+                            on_same=lambda index: self._unexplained(sw, index))
         sw.watches = [names, checks]
 
         async def run() -> None:
@@ -471,7 +500,6 @@ class ConsulCatalogSource:
 
     async def _fetcher(self) -> None:
         assert self.client is not None
-        backoff = Backoff()
         while True:
             scope, name = await self.queue.get()
             self.queued.discard((scope, name))
@@ -483,24 +511,20 @@ class ConsulCatalogSource:
                                               scope.params(self.local_dc), fetch=True)
                 self._reachable()
                 found = mapping.instances(reply.body, scope, self.interned)
-                backoff.reset()
             except ConsulError as exc:
                 self.fetch_errors += 1
                 self._failed(exc)
-                if exc.unreachable or exc.status == 429:
-                    log.debug("%s", exc)
-                    await asyncio.sleep(backoff.next())
-                    self._enqueue(scope, name)  # retried: the change still has to show
-                else:
-                    log.warning("%s", exc)
-                    self._fetched(sw, name)
+                if not exc.unreachable and exc.status != 429:
+                    log.warning("%s", exc)  # 403, 404, malformed JSON: worth a line each
+                self._retry(sw, name)
                 continue
             except Malformed as exc:
                 self.fetch_errors += 1
                 log.warning("consul /v1/health/service/%s: malformed body: %s (update skipped,"
                             " keeping the last good data)", name, exc)
-                self._fetched(sw, name)
+                self._retry(sw, name)
                 continue
+            self._retries.pop((scope, name), None)
             self.fetches += 1
             if self.scopes.get(scope) is not sw or name not in (sw.names or {}):
                 continue  # gone meanwhile
@@ -509,6 +533,16 @@ class ConsulCatalogSource:
             self.pending[_key(scope, name)] = found
             self._fetched(sw, name)
             self._schedule_flush()
+
+    def _retry(self, sw: ScopeWatch, name: str) -> None:
+        """A fetch failed: the last good data stays, and the service is read again later
+        (backing off per service), so the change it was fetched for still shows."""
+        key = (sw.scope, name)
+        failures = self._retries.get(key, 0) + 1
+        self._retries[key] = failures
+        delay = min(RETRY_CAP, 0.25 * 2 ** (failures - 1)) * (0.5 + random.random() / 2)
+        self._fetched(sw, name)  # a first read that fails must not hold readiness back
+        asyncio.get_running_loop().call_later(delay, self._enqueue, sw.scope, name)
 
     def _fetched(self, sw: ScopeWatch, name: str) -> None:
         if sw.initial:
@@ -523,9 +557,8 @@ class ConsulCatalogSource:
         assert self.client is not None
         scope = Scope("", dc, partition, "default")
         params = scope.params(self.local_dc)
-        watch = Watch(self.client, "/v1/catalog/nodes", params,
-                      lambda body: self._nodes_changed(dc, partition, body),
-                      on_error=self._on_error(False), on_reply=self._reachable)
+        watch = self._watch("/v1/catalog/nodes", params,
+                            lambda body: self._nodes_changed(dc, partition, body))
         self.node_watches[(dc, partition)] = (asyncio.ensure_future(watch.run()), watch)
 
     def _nodes_changed(self, dc: str, partition: str, body: Any) -> None:
@@ -553,13 +586,12 @@ class ConsulCatalogSource:
         params = {"partition": partition} if partition != "default" else {}
         if self.settings.namespaces != ["default"]:
             params = {**params, "ns": "*"}
-        resolvers = Watch(self.client, "/v1/config/service-resolver", params,
-                          lambda body: self._resolvers_changed(partition, body),
-                          on_error=self._on_error(True), on_reply=self._reachable)
+        resolvers = self._watch("/v1/config/service-resolver", params,
+                                lambda body: self._resolvers_changed(partition, body),
+                                optional=True)
         gparams = {"partition": partition} if partition != "default" else {}
-        groups = Watch(self.client, "/v1/config/sameness-group", gparams,
-                       lambda body: self._groups_changed(partition, body),
-                       on_error=self._on_error(True), on_reply=self._reachable, poll=60.0)
+        groups = self._watch("/v1/config/sameness-group", gparams,
+                             lambda body: self._groups_changed(partition, body), optional=True)
         self.config_watches[partition] = [(asyncio.ensure_future(w.run()), w)
                                           for w in (resolvers, groups)]
 

@@ -17,6 +17,7 @@ only when the body did change. The rules (Consul's "blocking queries" docs):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -51,7 +52,7 @@ class TokenBucket:
 class Backoff:
     """Exponential back-off with full jitter: 0.25 s doubling up to ``cap``."""
 
-    def __init__(self, first: float = 0.25, cap: float = 10.0) -> None:
+    def __init__(self, first: float = 0.25, cap: float = 5.0) -> None:
         self.first = first
         self.cap = cap
         self.failures = 0
@@ -116,9 +117,11 @@ class Watch:
         self.backoff = Backoff()
         self._last: bytes | None = None
         self.first_read = asyncio.Event()  # set after the first read (good or failed)
+        self.wake = asyncio.Event()  # set: stop backing off, retry now (Consul is back)
 
     async def run(self) -> None:
         index = 0
+        failed = False
         stats = self.stats
         while True:
             delay = self.bucket.delay()
@@ -127,9 +130,14 @@ class Watch:
             # jitter: up to wait/16 shorter, so replicas and watches do not wake together
             wait = self.client.settings.wait * (1 - random.random() / 16)
             try:
+                # After a failure, read at once: that tells Consul is back without waiting for
+                # a change, and catches what changed meanwhile. Reads that do not block (the
+                # first, polls, these) go in the fetchers' lane: the blocking lane is sized for
+                # one held request per blocking watch.
+                blocking = self.blocking and index > 0 and not failed
                 reply = await self.client.get(self.endpoint, self.params,
-                                              index=index if self.blocking else None,
-                                              wait=wait)
+                                              index=index if blocking else None,
+                                              wait=wait, fetch=not blocking)
             except ConsulError as exc:
                 if self.on_reply is not None and not exc.unreachable:
                     self.on_reply()  # Consul answered: it is reachable
@@ -141,8 +149,10 @@ class Watch:
                 if not handled and self.backoff.failures in (1, 4) or \
                         self.backoff.failures % 30 == 0:
                     log.warning("%s (retrying in %.1fs)", exc, pause)
-                await asyncio.sleep(self.poll if handled else pause)
+                failed = True
+                await self._pause(self.poll if handled else pause)
                 continue
+            failed = False
             if self.on_reply is not None:
                 self.on_reply()
             self.backoff.reset()
@@ -164,6 +174,12 @@ class Watch:
             self.first_read.set()
             if not self.blocking:
                 await asyncio.sleep(self.poll * (0.75 + random.random() / 2))
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off for ``seconds``, unless woken (another request just reached Consul)."""
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
 
     async def _deliver(self, reply: Reply) -> bool:
         """Hand a changed body to the handler; False for a body equal to the last one."""
