@@ -33,7 +33,6 @@ SAMPLE_EVERY = 64  # cache hits between two timed ones (timing every hit costs ~
 # TCP limits that need no tuning (the tunable ones are dns.tcp_* in the config)
 TCP_WRITE_HIGH = 256 << 10  # bytes of unread replies before a connection stops being read
 TCP_WRITE_LOW = 64 << 10  # ... and resumes
-TCP_WRITE_STALL = 10.0  # seconds a connection may keep its replies unread before it is cut
 TCP_MAX_LIFETIME = 300.0  # seconds any connection may stay open, however busy
 DRAIN_TIMEOUT = 5.0  # seconds SIGTERM waits for answers owed (well under Kubernetes' 30 s)
 DRAIN_QUIET = 0.05  # seconds of nothing left to answer before a draining connection closes
@@ -119,7 +118,7 @@ class TcpProtocol(asyncio.Protocol):
 
     - replies the client does not read: past TCP_WRITE_HIGH buffered bytes the connection is
       no longer read (so no more replies are made) until the client drains them to
-      TCP_WRITE_LOW; if it has not within TCP_WRITE_STALL seconds, it is cut off;
+      TCP_WRITE_LOW; if it has not within dns.tcp_idle_timeout, it is cut off;
     - idle time: only a complete query that gets a real answer counts as activity (empty or
       malformed frames do not keep a connection open), and no connection outlives
       TCP_MAX_LIFETIME;
@@ -219,7 +218,8 @@ class TcpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.pause_reading()
-            self._stall = asyncio.get_running_loop().call_later(TCP_WRITE_STALL, self._stalled)
+            self._stall = asyncio.get_running_loop().call_later(
+                self.server.config.dns.tcp_idle_timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -512,7 +512,8 @@ def tcp_connection_limit(config: Config) -> int:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:  # pragma: no cover - not Linux
         in_use = 16
-    others = (FD_RESERVE + in_use + config.dns.recursor_max_pending
+    others = (FD_RESERVE + in_use
+              + (config.dns.recursor_max_pending if config.dns.recursors else 0)
               + (config.admin.max_connections + 1 if config.admin.listen else 0)
               + 2 * len(config.listen))
     room = max(16, soft - others)
