@@ -511,7 +511,7 @@ def test_catalog_endpoint_on_a_large_catalog_does_not_stall_dns(start_server,
                   for i in range(1000)],
         "services": [{"name": f"svc-{i}", "id": f"svc-{i}", "node": f"n{i % 1000}",
                       "port": 80} for i in range(services)]}))
-    server = start_server(catalog=path)
+    server = start_server(catalog=path, config={"catalog": {"max_size": "64MiB"}})
     url = f"http://127.0.0.1:{server.admin_port}/v1/catalog"
     stop = threading.Event()
     requests = [0]
