@@ -18,7 +18,16 @@ from .cache import Cached, ResponseCache, plain_query
 from .catalog.snapshot import Snapshot
 from .catalog.source import EVERYTHING, Change
 from .config import Config
-from .fastpath import address_reply, service_addresses
+from .fastpath import (
+    PlainQuestion,
+    address_reply,
+    addresses_of,
+    plain_opt,
+    plain_service_question,
+    records_reply,
+    service_addresses,
+    service_suffix,
+)
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
 from .resolve import (
@@ -37,6 +46,8 @@ from .topnames import TopNames
 from .wire import (
     CLASS_ANY,
     CLASS_IN,
+    MAX_TCP,
+    NO_EDNS_MAX_ANSWERS,
     Drop,
     Question,
     Reject,
@@ -108,6 +119,7 @@ class Responder:
         self.domain_names = tuple(domains)
         self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
         self.primary_labels = tuple(config.domain.split("."))
+        self.service_suffix = service_suffix(self.primary_labels)
         self.recursion = bool(config.dns.recursors)
         self.max_udp_size = config.dns.max_udp_size
         c = config.cache
@@ -160,6 +172,12 @@ class Responder:
 
     def _respond_uncached(self, data: bytes, tcp: bool, cache: ResponseCache,
                           key: bytes) -> bytes | Forward | None:
+        if self.serving:
+            plain = plain_service_question(data, self.service_suffix)
+            if plain is not None:
+                reply = self._respond_plain(plain, data, tcp, cache, key)
+                if reply is not None:
+                    return reply
         transport = "tcp" if tcp else "udp"
         metrics = self.metrics
         try:
@@ -230,6 +248,46 @@ class Responder:
             self.metrics.truncated += 1
         self._store(cache, question, data, key, reply, counter_key, question.labels[0],
                     count > 1)
+        return data[:2] + reply[2:]
+
+    def _respond_plain(self, plain: PlainQuestion, data: bytes, tcp: bool,
+                       cache: ResponseCache, key: bytes) -> bytes | None:
+        """``_respond_with_addresses`` for a question read by plain_service_question (no
+        ``Question`` built); None when the general path must answer it after all."""
+        settings = self.settings
+        name, qtype = plain.name, plain.qtype
+        addresses = addresses_of(self.snapshot, settings, name, qtype)
+        if addresses is None:
+            return None
+        count = len(addresses)
+        turn = int(self._random.random() * count)
+        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        dns = self.config.dns
+        if tcp:  # wire.limits_for, for a plain question
+            opt = plain_opt(plain.edns_size, plain.do) if plain.edns_size >= 0 else b""
+            max_bytes, limit_answers, truncate = MAX_TCP, 0, False
+        elif plain.edns_size < 0:
+            opt = b""
+            max_bytes, truncate = 512, dns.enable_truncate
+            limit_answers = min(dns.udp_answer_limit, NO_EDNS_MAX_ANSWERS)
+        else:
+            opt = plain_opt(plain.edns_size, plain.do)
+            max_bytes, limit_answers, truncate = max(512, plain.edns_size), 0, \
+                dns.enable_truncate
+            if max_bytes > self.max_udp_size:
+                max_bytes, truncate = self.max_udp_size, True
+        flags = 0x8400 | (plain.flags & 0x0110) | (0x0080 if self.recursion else 0)
+        reply = records_reply(qtype, plain.raw, opt, addresses, order,
+                              settings.service_ttl(name), settings.a_record_limit, max_bytes,
+                              limit_answers, truncate, flags)
+        counter_key = ("service", "NOERROR", "tcp" if tcp else "udp")
+        metrics = self.metrics
+        metrics.queries[counter_key] += 1
+        if reply[2] & 0x02:
+            metrics.truncated += 1
+        if cache.enabled:  # a plain question is always a plain query (cache.plain_query)
+            cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS),
+                        counter_key, name, data if count > 1 else None)
         return data[:2] + reply[2:]
 
     def answer(self, question: Question,

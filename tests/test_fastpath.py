@@ -137,3 +137,111 @@ def test_fast_path_and_general_path_replies_agree_through_the_responder() -> Non
         got = sorted(rr.address for rrset in reply.answer for rr in rrset)
         want = sorted(".".join(str(b) for b in rec[3]) for rec, _ in general.answers)
         assert got == want
+
+
+# --- the packet-level reader (plain_service_question) --------------------------------------
+
+
+# 100 distinct addresses: a reply (1,600+ bytes of answers) that meets every size limit
+HUGE = build_snapshot(Catalog.model_validate({
+    "nodes": CATALOG.model_dump()["nodes"],
+    "services": CATALOG.model_dump()["services"] + [
+        {"name": "huge", "id": f"huge-{i}", "node": "n1", "address": f"10.7.0.{i}"}
+        for i in range(1, 101)],
+}), local_datacenter="dc1")
+PACKET_CONFIGS = {**CONFIGS, "small-udp": {"dns": {"max_udp_size": 700, "enable_truncate": True}},
+                  "no-truncate": {"dns": {"max_udp_size": 1500, "enable_truncate": False}},
+                  "many": {"dns": {"udp_answer_limit": 20}}}
+
+
+def _packets() -> list[bytes]:
+    """Queries the packet-level reader takes, and near misses it must hand to parse_query."""
+    out = []
+    for payload in (None, 512, 600, 1232, 1400, 4096, 65535):
+        for dnssec in (False, True):
+            if payload is None:  # (a payload given, dnspython would add an OPT)
+                msg = dns.message.make_query("huge.service.consul", "A")
+            else:
+                msg = dns.message.make_query("huge.service.consul", "A", use_edns=0,
+                                             payload=payload, want_dnssec=dnssec)
+            msg.flags |= dns.flags.CD if dnssec else 0
+            out.append(msg.to_wire())
+    for name, rtype, edns, payload, rd in QUESTIONS:
+        msg = dns.message.make_query(f"{name}.service.consul", rtype, use_edns=edns,
+                                     payload=payload, want_dnssec=rd and edns is not None)
+        if not rd:
+            msg.flags &= ~dns.flags.RD
+        out.append(msg.to_wire())
+    for text in ("WEB.SERVICE.CONSUL", "web.Service.Consul", "_web.service.consul",
+                 "web.service.consul.extra", "web.servic.consul", "nope.service.consul",
+                 "down.service.consul", "named.service.consul", "mixed.service.consul",
+                 "web.node.consul", "v1.web.service.consul", "tagged.service.consul"):
+        for rtype in ("A", "AAAA", "SRV", "ANY"):
+            out.append(dns.message.make_query(text, rtype).to_wire())
+    web = dns.message.make_query("web.service.consul", "A", use_edns=0, payload=1232).to_wire()
+    plain = dns.message.make_query("web.service.consul", "A").to_wire()
+    out += [
+        web[:-11] + b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00",  # EDNS version 1: BADVERS
+        web[:-2] + b"\x00\x04\x00\x0a\x00\x00",  # an option in the OPT (not a bare OPT)
+        web + b"\x00",  # trailing byte: FORMERR
+        plain[:2] + b"\x81\x00" + plain[4:],  # a response: dropped
+        plain[:2] + b"\x09\x00" + plain[4:],  # opcode 1: NOTIMP
+        plain[:5] + b"\x02" + plain[6:],  # qdcount 2
+        plain[:-4] + b"\x00\x01\x00\x03",  # class CH
+        plain[:-2] + b"\x00\xff",  # class ANY
+        plain[:12] + b"\x03w\xe9b" + plain[16:],  # a non-ASCII byte in the service's label
+        plain[:12] + b"\x03w.b" + plain[16:],  # a dot inside a label
+        plain[:12] + b"\x03WeB" + plain[16:],
+        plain[:-5],  # cut short
+    ]
+    return out
+
+
+@pytest.mark.parametrize("config_name", list(PACKET_CONFIGS))
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_packet_reader_replies_are_byte_identical(config_name: str, tcp: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Differential: every packet answered with the packet-level reader on and off gives the
+    same bytes (same random answer order: both responders draw from the same seed), and the
+    reader takes the common shapes."""
+    import random
+
+    import meshdns.responder as responder_module
+
+    config = Config.model_validate(PACKET_CONFIGS[config_name])
+    packets = _packets()
+    fast, general = Responder(config, HUGE), Responder(config, HUGE)
+    fast._random, general._random = random.Random(7), random.Random(7)
+    taken = 0
+    for data in packets:
+        taken += responder_module.plain_service_question(data, fast.service_suffix) is not None
+    assert taken > 60
+    fast_replies = [fast.respond(data, tcp) for data in packets * 2]  # misses, then hits
+    monkeypatch.setattr(responder_module, "plain_service_question", lambda data, suffix: None)
+    general_replies = [general.respond(data, tcp) for data in packets * 2]
+    for data, a, b in zip(packets * 2, fast_replies, general_replies):
+        assert a == b, (config_name, data)
+    assert fast.metrics.queries == general.metrics.queries
+    assert fast.metrics.truncated == general.metrics.truncated
+    assert set(fast.udp_cache.entries) == set(general.udp_cache.entries)
+    assert set(fast.tcp_cache.entries) == set(general.tcp_cache.entries)
+
+
+def test_packet_reader_reads_what_parse_query_reads() -> None:
+    """For each packet it takes, the reader's fields are parse_query's."""
+    from meshdns.fastpath import plain_service_question, service_suffix
+
+    suffix = service_suffix(("consul",))
+    for data in _packets():
+        plain = plain_service_question(data, suffix)
+        if plain is None:
+            continue
+        question = parse_query(data)
+        assert plain.name == question.labels[0]
+        assert (plain.qtype, plain.flags, plain.raw) == (question.qtype, question.flags,
+                                                         question.raw)
+        if question.edns is None:
+            assert plain.edns_size == -1
+        else:
+            assert (plain.edns_size, plain.do) == (question.edns.udp_size, question.edns.do)
+            assert question.edns.ecs is None
