@@ -432,7 +432,6 @@ def rendered_pod_template(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return deployment["spec"]["template"]
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_apply_k_rolls_the_pods_on_a_config_edit(tmp_path: Path) -> None:
     copy = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, copy)
@@ -541,7 +540,6 @@ def test_kustomization_lists_every_manifest() -> None:
     assert listed == present, f"kustomization resources {sorted(listed)} != files {sorted(present)}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomization_renders() -> None:
     rendered = subprocess.run(
         ["kubectl", "kustomize", str(KUBERNETES)],
