@@ -513,6 +513,7 @@ class FileSource:
             # an abandoned parse still runs (max_parse_time): a second would double the memory
             log.debug("catalog %s: reload (%s) put off: the last one is still parsing",
                       self.path, why)
+            self._retry_at = time.monotonic() + 0.5  # asked for (SIGHUP): not forgotten
             return
         signature = file_signature(self.path)
         log.debug("catalog reload (%s): reading %s", why, self.path)
