@@ -316,6 +316,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=8)
     ap.add_argument("--rss-every", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up after (seconds)")
+    ap.add_argument("--cache-max-bytes", default="32MiB",
+                    help="cache.max_bytes of the server started here (per transport)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -327,7 +329,8 @@ def main() -> int:
         port, pid = int(port_text), args.pid or -1
     else:
         (workdir / "catalog.yaml").write_text(CATALOG)
-        (workdir / "config.yaml").write_text("dns:\n  recursors: []\n")
+        (workdir / "config.yaml").write_text(
+            f"dns:\n  recursors: []\ncache:\n  max_bytes: {args.cache_max_bytes}\n")
         log_path = workdir / "meshdns.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "meshdns", "serve", "--config", str(workdir / "config.yaml"),

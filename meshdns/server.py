@@ -192,6 +192,9 @@ class TcpProtocol(asyncio.Protocol):
             return
         idle_until = self.active + self.server.config.dns.tcp_idle_timeout
         if now >= idle_until or now >= self.opened + TCP_MAX_LIFETIME:
+            if self.forwards and now < idle_until:  # past its lifetime but owed replies
+                self._timer = loop.call_later(DRAIN_QUIET, self._check)
+                return
             self._close()
             return
         self._timer = loop.call_at(min(idle_until, self.opened + TCP_MAX_LIFETIME), self._check)
