@@ -10,8 +10,11 @@ import logging
 import os
 import stat
 import time
+from array import array
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import overload
 
 from pydantic import ValidationError
 
@@ -174,7 +177,7 @@ def _read_json_yielding(path: Path, raw: bytes) -> Catalog:
         doc = read_document(path, text)
         errors = exc.errors(include_url=False)
         raise ConfigError(problems_from(doc, errors, CatalogFile)) from None
-    if not isinstance(services, list):
+    if not isinstance(services, (list, _Entries)):
         doc = read_document(path, text)
         raise ConfigError([f"{doc.where(('services',))}: expected a list of services"])
     # the services are validated one by one in build_snapshot
@@ -182,6 +185,40 @@ def _read_json_yielding(path: Path, raw: bytes) -> Catalog:
 
 
 _WS = frozenset(" \t\r\n")
+
+
+class _Entries(Sequence[object]):
+    """A JSON array's entries, decoded from ``text`` one at a time as they are read.
+
+    build_snapshot consumes its entries (``entries[i] = None`` once indexed); here nothing is
+    held, so that is a no-op."""
+
+    def __init__(self, text: str, starts: array[int]) -> None:
+        self.text = text
+        self.starts = starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> object: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[object]: ...
+    def __getitem__(self, index: int | slice) -> object:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _DECODE(self.text, self.starts[index])[0]
+
+    def __iter__(self) -> Iterator[object]:
+        text = self.text
+        for start in self.starts:
+            yield _DECODE(text, start)[0]
+
+    def __setitem__(self, index: int, value: object) -> None:
+        pass
+
+
+_DECODE = json.JSONDecoder().raw_decode
 
 
 def _loads_stepwise(text: str) -> object:
@@ -205,17 +242,27 @@ def _loads_stepwise(text: str) -> object:
             raise ValueError("expected ':'")
         pos = skip(pos + 1)
         if text[pos] == "[":
+            # the services: only where each entry starts (build_snapshot decodes it again
+            # when it gets there): held decoded, 300,000 entries are ~200 MiB of dicts
+            # beside the snapshot being replaced
+            spans = key == "services"
             items: list[object] = []
+            starts = array("q")
             pos = skip(pos + 1)
             while text[pos] != "]":
+                start = pos
                 item, pos = decode(text, pos)
-                items.append(item)
+                if spans:
+                    starts.append(start)
+                else:
+                    items.append(item)
+                del item
                 pos = skip(pos)
                 if text[pos] == ",":
                     pos = skip(pos + 1)
                 elif text[pos] != "]":
                     raise ValueError("expected ',' or ']'")
-            value: object = items
+            value: object = _Entries(text, starts) if spans else items
             pos += 1
         else:
             value, pos = decode(text, pos)

@@ -158,6 +158,14 @@ def _set(items: Iterable[Instance]) -> InstanceSet:
     )
 
 
+def _set_like(items: list[Instance], old: InstanceSet | None) -> InstanceSet:
+    """``_set(items)``, or ``old`` when it holds exactly these instances (all usable)."""
+    if old is not None and old.usable is old.passing and len(old.usable) == len(items) \
+            and all(a is b for a, b in zip(old.usable, items, strict=True)):
+        return old
+    return _set(items)
+
+
 def build_snapshot(
     catalog: Catalog,
     *,
@@ -182,6 +190,10 @@ def build_snapshot(
         rec = NodeRecord(n.name, n.address, dc, peer, n.partition.lower(), n.health,
                          n.meta, n.tagged_addresses, pack_address(n.address))
         key = (peer, dc, rec.partition, n.name.lower())
+        if previous is not None:  # unchanged: the same object (see "shared with previous")
+            old_rec = previous.nodes.get(key)
+            if old_rec == rec:
+                rec = old_rec  # type: ignore[assignment]
         if key in nodes:
             where = f"peer {peer}" if peer else f"datacenter {dc}"
             msg = f"node {n.name!r} is listed twice in {where}, partition {rec.partition}"
@@ -197,6 +209,11 @@ def build_snapshot(
     mesh: set[VipKey] = set()
     seen_ids: set[tuple[int, str]] = set()
     raw_services = catalog.services
+    # Shared with the previous snapshot: an instance equal to the one at the same place in
+    # the previous snapshot's group is that object, and an unchanged group keeps its
+    # InstanceSet. A reload that changes little then adds little memory beside the snapshot
+    # it replaces (and the copies are freed as soon as they are made).
+    old_groups = previous.services if previous is not None else {}
     validate_service = Service.__pydantic_validator__.validate_python
     consume = isinstance(catalog, CatalogFile)
     # One object for each distinct value: a large catalog repeats the same namespace, kind,
@@ -271,12 +288,20 @@ def build_snapshot(
             pack_address(s.address) if own else node.packed,
             s.destination.lower() if s.destination else "", s.connect_native,
         )
-        all_instances.append(inst)
         # index now, so the validated model can be freed before the next one is made
         base = (node.peer, node.datacenter, node.partition, namespace)
         lower = name.lower()
-        groups[(node.peer, node.datacenter, node.partition, namespace,
-                share(lower, lower))].append(inst)
+        group = groups[(node.peer, node.datacenter, node.partition, namespace,
+                        share(lower, lower))]
+        if old_groups:
+            old_set = old_groups.get((node.peer, node.datacenter, node.partition, namespace,
+                                      lower))
+            if old_set is not None and len(group) < len(old_set.usable):
+                old_inst = old_set.usable[len(group)]
+                if old_inst == inst:
+                    inst = old_inst
+        group.append(inst)
+        all_instances.append(inst)
         if s.kind == "typical" and not s.connect_native:
             continue  # most services: nothing below applies
         if s.kind == "connect-proxy" and s.destination:
@@ -347,7 +372,7 @@ def build_snapshot(
         serial = max(serial, previous.serial + 1)
     snapshot = Snapshot(
         local_datacenter=local_dc,
-        services={k: _set(v) for k, v in groups.items()},
+        services={k: _set_like(v, old_groups.get(k)) for k, v in groups.items()},
         connect={k: _set(v) for k, v in connect.items()},
         ingress={k: _set(v) for k, v in ingress.items()},
         nodes=nodes,

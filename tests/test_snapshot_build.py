@@ -1,0 +1,70 @@
+"""Snapshot build internals: a reload shares what did not change; the stepwise JSON reader
+(reloads) builds the same snapshot as the one-pass reader (startup)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from meshdns.catalog.file import load_snapshot
+
+NODES = [{"name": f"n{i}", "address": f"10.0.0.{i}", "meta": {"rack": str(i % 3)}}
+         for i in range(1, 21)]
+
+
+def _services(moved: str | None = None) -> list[dict]:
+    out = []
+    for s in range(30):
+        for k in range(3):
+            entry = {"name": f"svc-{s}", "id": f"svc-{s}-{k}", "node": f"n{(s + k) % 20 + 1}",
+                     "port": 8000 + k, "tags": [f"t{(s + k) % 4}", "Primary"]}
+            if s == 7 and k == 1 and moved:
+                entry["address"] = moved
+            out.append(entry)
+    out.append({"name": "sick", "node": "n1", "health": "critical"})
+    return out
+
+
+def _write(path: Path, services: list[dict]) -> None:
+    path.write_text(json.dumps({"nodes": NODES, "services": services,
+                                "virtual_ips": [{"service": "svc-1", "ip": "240.0.0.9"}]}))
+
+
+def _load(path: Path, previous=None, yielding: bool = False):
+    return load_snapshot(path, local_datacenter="dc1", vip_range="240.0.0.0/4",
+                         previous=previous, yielding=yielding)
+
+
+def _answers(snap) -> dict:
+    """Everything queries read, by value."""
+    return {"services": {k: [(i.id, i.address, i.port, sorted(i.tags), i.status)
+                             for i in v.usable] for k, v in snap.services.items()},
+            "nodes": {k: (n.address, dict(n.meta)) for k, n in snap.nodes.items()},
+            "vips": dict(snap.vips), "ptr": dict(snap.ptr), "counts": dict(snap.counts)}
+
+
+def test_stepwise_reader_builds_the_same_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    _write(path, _services())
+    assert _answers(_load(path, yielding=True)) == _answers(_load(path))
+
+
+def test_reload_shares_unchanged_instances_and_nodes(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    _write(path, _services())
+    first = _load(path)
+    _write(path, _services(moved="10.9.9.9"))
+    second = _load(path, previous=first, yielding=True)
+    fresh = _load(path)
+    assert _answers(second) == _answers(fresh)  # sharing changes no answer
+    moved = ("", "dc1", "default", "default", "svc-7")
+    assert [i.address for i in second.services[moved].usable][1] == "10.9.9.9"
+    assert second.services[moved] is not first.services[moved]
+    same = ("", "dc1", "default", "default", "svc-8")
+    assert second.services[same] is first.services[same]  # the whole group kept
+    kept = second.services[moved].usable[0]
+    assert kept is first.services[moved].usable[0]  # an unchanged instance of a changed group
+    assert all(second.nodes[k] is first.nodes[k] for k in first.nodes)
+    # one frozenset per distinct tag list, shared by every instance that has it
+    tag_sets = {id(i.tags) for g in second.services.values() for i in g.usable}
+    assert len(tag_sets) <= 5
