@@ -12,6 +12,7 @@ import json
 import os
 import random
 import struct
+import time
 import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
@@ -248,11 +249,59 @@ def test_analysis_runs_once_per_snapshot(monkeypatch) -> None:
                 assert response.status == 200
                 assert "payments" in await response.text()
             server.responder.swap(load(server.snapshot))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the next analysis waits 20x the last one
+                if "generation <span id=analysed>2</span>" in await (await client.get("/")).text():
+                    break
+                await asyncio.sleep(0.01)
             for _ in range(3):
                 assert (await client.get("/")).status == 200
             assert (await client.post("/")).status == 405
     asyncio.run(scenario())
     assert calls == [1, 2]
+
+
+def test_a_churning_catalog_is_not_reanalysed_on_every_load(monkeypatch) -> None:
+    """Snapshots swapped on every page load (Consul under churn): an analysis that takes
+    50 ms starts again only after 20 x 50 ms; meanwhile the page shows the previous one."""
+    calls: list[int] = []
+    real = status.summarize
+
+    def slow(snap, s):  # noqa: ANN001, ANN202 - a spy that takes 50 ms
+        calls.append(snap.generation)
+        time.sleep(0.05)
+        out = real(snap, s)
+        out.seconds = 0.05
+        return out
+    monkeypatch.setattr(status, "summarize", slow)
+    config = Config()
+    snap = load_snapshot(EXAMPLE_CATALOG, local_datacenter="dc1",
+                         vip_range=config.virtual_ip_range)
+    responder = Responder(config, snap)
+
+    class Server:
+        def __init__(self) -> None:
+            self.config, self.metrics, self.responder = config, Metrics(), responder
+            self.state = SourceState("file", ready=True)
+
+        @property
+        def snapshot(self):  # noqa: ANN202
+            return self.responder.snapshot
+
+    async def scenario() -> list[str]:
+        page = status.StatusPage(Server())  # type: ignore[arg-type]
+        seen = []
+        started = time.monotonic()
+        while time.monotonic() - started < 0.6:
+            responder.swap(load_snapshot(EXAMPLE_CATALOG, local_datacenter="dc1",
+                                         vip_range=config.virtual_ip_range,
+                                         previous=responder.snapshot))
+            summary = await page.summary()
+            seen.append(summary.generation if summary else None)
+        return seen
+    seen = asyncio.run(scenario())
+    assert len(calls) == 1 and len(seen) > 3
+    assert set(seen) == {calls[0]}  # the one analysis, shown on every load
 
 
 # ---------------------------------------------------------------------------------------------
