@@ -70,12 +70,48 @@ def test_topology_documents():
     assert mapping.namespaces(t["namespaces"]) == ["default", "team-a"]
     assert mapping.peerings(t["peerings"]) == ["cluster-02"]
     assert mapping.service_names(t["services"])["web"] == ("primary", "v1")
-    by_service, by_node = mapping.check_digests(t["checks"])
-    assert set(by_service) == {"web"} and set(by_node) == {"node-1"}
-    changed = [dict(c) for c in t["checks"]]
-    changed[1]["Status"] = "critical"
-    assert mapping.check_digests(changed)[0]["web"] != by_service["web"]
-    assert mapping.check_digests(changed)[1] == by_node
+
+
+def _body(checks, go=True):
+    # Consul's Go encoder writes no spaces; Python's json.dumps does: both must work
+    return json.dumps(checks, separators=(",", ":") if go else None).encode()
+
+
+@pytest.mark.parametrize("go", [True, False])
+def test_changed_checks_finds_exactly_the_checks_that_differ(go):
+    import random
+    from collections import Counter
+
+    rng = random.Random(7)
+    base = [{"Node": f"n{i % 50}", "CheckID": f"service:s{i}", "Status": "passing",
+             "Output": "ok", "ServiceID": f"s{i}", "ServiceName": f"s{i}", "Definition": {}}
+            for i in range(2000)]
+    base += [{"Node": f"n{i}", "CheckID": "serfHealth", "Status": "passing", "ServiceID": "",
+              "ServiceName": ""} for i in range(50)]
+
+    def rows(checks):
+        return Counter((c["Node"], c["CheckID"], c["ServiceID"], c["Status"], c["ServiceName"])
+                       for c in checks)
+
+    for _ in range(200):
+        new = [dict(c) for c in base]
+        edit = rng.choice(["status", "insert", "delete", "output"])
+        i = rng.randrange(len(new))
+        if edit == "status":
+            new[i]["Status"] = "critical"
+        elif edit == "insert":
+            new.insert(i, {"Node": "nx", "CheckID": "service:new", "Status": "passing",
+                           "ServiceID": "new", "ServiceName": "new"})
+        elif edit == "delete":
+            del new[i]
+        else:
+            new[i]["Output"] = "changed"
+        before, after = mapping.changed_checks(_body(base, go), _body(new, go))
+        assert Counter(before) - Counter(after) == rows(base) - rows(new)
+        assert Counter(after) - Counter(before) == rows(new) - rows(base)
+        assert len(before) <= 3  # only the objects around the change were decoded
+    with pytest.raises(Malformed):
+        mapping.changed_checks(b"[1,2", b"{")
 
 
 def test_config_entries_map_onto_failover_and_sameness_groups():

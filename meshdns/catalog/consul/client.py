@@ -194,7 +194,7 @@ class ConsulClient:
 
     async def get(self, path: str, params: dict[str, str] | None = None, *,
                   index: int | None = None, wait: float | None = None,
-                  fetch: bool = False) -> Reply:
+                  fetch: bool = False, decode: bool = True) -> Reply:
         """GET ``path`` (``/v1/...``). ``index``: block until Consul's index passes it (for at
         most ``wait`` seconds). ``fetch``: a one-off read in the fetchers' lane. Raises
         ``ConsulError``."""
@@ -250,7 +250,7 @@ class ConsulClient:
                                   "at most now")
             raise ConsulError(path, status, f"HTTP {status}: {text or 'no detail'}")
         try:
-            body = json.loads(raw) if raw.strip() else None
+            body = json.loads(raw) if decode and raw.strip() else None
         except ValueError as exc:
             self.errors["malformed"] += 1
             raise ConsulError(path, -1, f"malformed JSON ({exc}): update skipped, keeping "

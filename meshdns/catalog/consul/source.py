@@ -68,8 +68,6 @@ class ScopeWatch:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.names: dict[str, tuple[str, ...]] | None = None  # None: not read yet
-        self.service_digests: dict[str, bytes] | None = None
-        self.node_digests: dict[str, bytes] = {}
         self.node_services: dict[str, set[str]] = {}  # node name -> service names on it
         self.check_changes: list[int] = []  # indexes at which the checks changed (recent)
         self.tasks: list[asyncio.Task[None]] = []
@@ -397,7 +395,7 @@ class ConsulCatalogSource:
         sw = ScopeWatch(scope)
         params = scope.params(self.local_dc)
         checks = self._watch("/v1/health/state/any", params,
-                             lambda body: self._checks_changed(sw, body))
+                             lambda bodies: self._checks_changed(sw, *bodies), raw=True)
         names = self._watch("/v1/catalog/services", params,
                             lambda body: self._names_changed(sw, body),
                             on_same=lambda index: self._unexplained(sw, index))
@@ -445,18 +443,27 @@ class ConsulCatalogSource:
             sw.initial.discard(name)
             self._schedule_flush()
 
-    def _checks_changed(self, sw: ScopeWatch, body: Any) -> None:
-        by_service, by_node = mapping.check_digests(body)
-        old_services, old_nodes = sw.service_digests, sw.node_digests
-        sw.service_digests, sw.node_digests = by_service, by_node
+    def _checks_changed(self, sw: ScopeWatch, old: bytes | None, new: bytes) -> None:
+        """The scope's checks changed (``old``: the last body, None at the first read): re-read
+        the services whose checks differ, and every service on a node whose node checks do."""
         index = next((w.stats.index for w in sw.watches if w.endpoint.endswith("/any")), 0)
         sw.check_changes = (sw.check_changes + [index])[-64:]
-        if old_services is None or sw.names is None:
+        if old is None or sw.names is None:
             return  # the first read: the service list's first fetch reads everything
-        changed = {n for n in set(by_service) | set(old_services)
-                   if by_service.get(n) != old_services.get(n)}
-        for node in set(by_node) | set(old_nodes):
-            if by_node.get(node) != old_nodes.get(node):
+        before, after = mapping.changed_checks(old, new)
+        rows: dict[tuple[str, str], list[set[tuple[str, ...]]]] = {}
+        for side, found in enumerate((before, after)):
+            for row in found:
+                # (service name, "") for a service's checks, ("", node) for a node's own
+                key = (row[4], "") if row[4] else ("", row[0])
+                rows.setdefault(key, [set(), set()])[side].add(row)
+        changed: set[str] = set()
+        for (service, node), (was, now) in rows.items():
+            if was == now:
+                continue
+            if service:
+                changed.add(service)
+            else:
                 changed |= sw.node_services.get(node, set())
         for name in changed:
             if name in sw.names:

@@ -101,7 +101,7 @@ class Watch:
                  handler: Handler, *, blocking: bool = True, poll: float = 30.0,
                  on_error: ErrorHandler | None = None,
                  on_reply: Callable[[], None] | None = None,
-                 on_same: Callable[[int], None] | None = None,
+                 on_same: Callable[[int], None] | None = None, raw: bool = False,
                  rate: float = 10.0, burst: float = 3.0) -> None:
         self.client = client
         self.endpoint = endpoint
@@ -112,6 +112,7 @@ class Watch:
         self.on_error = on_error  # True: handled (e.g. 404 on Consul CE), no back-off log
         self.on_reply = on_reply
         self.on_same = on_same  # a wake-up with a new index and the same body
+        self.raw = raw  # the handler takes (last body, new body) as bytes, undecoded
         self.stats = WatchStats(endpoint, dict(params))
         self.bucket = TokenBucket(rate, burst)
         self.backoff = Backoff()
@@ -137,7 +138,8 @@ class Watch:
                 blocking = self.blocking and index > 0 and not failed
                 reply = await self.client.get(self.endpoint, self.params,
                                               index=index if blocking else None,
-                                              wait=wait, fetch=not blocking)
+                                              wait=wait, fetch=not blocking,
+                                              decode=not self.raw)
             except ConsulError as exc:
                 if self.on_reply is not None and not exc.unreachable:
                     self.on_reply()  # Consul answered: it is reachable
@@ -188,7 +190,7 @@ class Watch:
             stats.no_change += 1
             return False
         try:
-            result = self.handler(reply.body)
+            result = self.handler((self._last, reply.raw) if self.raw else reply.body)
             if result is not None:
                 await result
         except Malformed as exc:
