@@ -21,7 +21,8 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -99,7 +100,9 @@ def test_status_page_in_a_browser(start_server, browser, tmp_path: Path) -> None
     box.send_keys("payments.service.consul")
     Select(browser.find_element(By.ID, "type")).select_by_visible_text("A")
     browser.find_element(By.ID, "run").click()
-    result = browser.find_element(By.ID, "explain-result").text
+    # the click returns before the next page is in: wait for the result to be there
+    result = WebDriverWait(browser, 20).until(
+        expected_conditions.presence_of_element_located((By.ID, "explain-result"))).text
     assert "dropped payments-1 on node-2 10.0.1.2:7070 critical: service payments-1 is " \
            "critical" in result
     assert "why: failover target 1 of 2 of payments" in result
