@@ -440,13 +440,16 @@ class ConsulState:
             tagged_addresses = dict(old.tagged_addresses) if old else _default_tagged(address)
         node = Node(name, address, partition, peer, node_id or (old.id if old else
                     str(uuid.uuid4())), dict(tagged_addresses), dict(meta or {}))
-        tables = ["nodes"]
+        changed = old is None or not _same(old, node)  # Consul skips identical writes
+        tables = ["nodes"] if changed else []
         if serf and not peer and (partition, peer, name, SERF_CHECK) not in d.checks:
             tables.append("checks")
-        idx = self._write(d, tables, self._node_service_keys(d, partition, peer, name))
-        node.create_index = old.create_index if old else idx
-        node.modify_index = idx
-        d.nodes[key] = node
+        idx = self._write(d, tables, self._node_service_keys(d, partition, peer, name)
+                          if changed else [])
+        if changed:
+            node.create_index = old.create_index if old else idx
+            node.modify_index = idx
+            d.nodes[key] = node
         if "checks" in tables:
             d.checks[(partition, peer, name, SERF_CHECK)] = Check(
                 name, SERF_CHECK, "Serf Health Status", "passing",
@@ -505,23 +508,30 @@ class ConsulState:
         for k, v in (tagged_addresses or {}).items():
             svc.tagged_addresses[k] = {"Address": v.get("Address", v.get("address", "")),
                                        "Port": v.get("Port", v.get("port", 0))}
-        keys = self._instance_keys(svc) + (self._instance_keys(old) if old else [])
-        tables = ["services"] + (["checks"] if status is not None else [])
-        idx = self._write(d, tables, keys)
-        svc.create_index = old.create_index if old else idx
-        svc.modify_index = idx
         if svc.connect_name and self.auto_virtual_ips \
                 and "consul-virtual" not in svc.tagged_addresses:
             vip = self._assign_vip(d, (partition, namespace, peer, svc.connect_name))
             svc.tagged_addresses["consul-virtual"] = {"Address": vip, "Port": port}
-        d.services[key] = svc
-        if status is not None:
-            check_key = (partition, peer, node, f"service:{sid}")
-            prior = d.checks.get(check_key)
-            d.checks[check_key] = Check(
-                node, f"service:{sid}", f"Service '{name}' check", status, sid, name,
-                output=check_output, type="ttl", namespace=namespace, partition=partition,
-                peer=peer, create_index=prior.create_index if prior else idx, modify_index=idx)
+        check_key = (partition, peer, node, f"service:{sid}")
+        prior = d.checks.get(check_key)
+        check = None if status is None else Check(
+            node, f"service:{sid}", f"Service '{name}' check", status, sid, name,
+            output=check_output, type="ttl", namespace=namespace, partition=partition, peer=peer)
+        # As Consul's ensureServiceTxn / ensureCheckTxn: what did not change keeps its index.
+        service_changed = old is None or not _same(old, svc)
+        check_changed = check is not None and (prior is None or not _same(prior, check))
+        keys = self._instance_keys(svc) + (self._instance_keys(old) if old else [])
+        tables = (["services"] if service_changed else []) + (["checks"] if check_changed
+                                                              else [])
+        idx = self._write(d, tables, keys if tables else [])
+        if service_changed:
+            svc.create_index = old.create_index if old else idx
+            svc.modify_index = idx
+            d.services[key] = svc
+        if check is not None and check_changed:
+            check.create_index = prior.create_index if prior else idx
+            check.modify_index = idx
+            d.checks[check_key] = check
         if old:
             self._maybe_free_vip(d, old)
         self._refresh_aliases(d, partition, peer, node)
@@ -605,13 +615,16 @@ class ConsulState:
                 raise KeyError(f"no node {node!r}")
             keys = self._node_service_keys(d, partition, peer, node)
             sname, ns = "", "default"
+        check = Check(node, check_id, name or (old.name if old else check_id), status, sid,
+                      sname, notes=notes, output=output, type=old.type if old else "ttl",
+                      namespace=ns, partition=partition, peer=peer,
+                      alias_service=old.alias_service if old else "")
+        if old is not None and _same(old, check):
+            return self._write(d, [])  # a raft entry that changes no table
         idx = self._write(d, ["checks"], keys)
-        d.checks[key] = Check(node, check_id, name or (old.name if old else check_id), status,
-                              sid, sname, notes=notes, output=output,
-                              type=old.type if old else "ttl", namespace=ns,
-                              partition=partition, peer=peer,
-                              create_index=old.create_index if old else idx, modify_index=idx,
-                              alias_service=old.alias_service if old else "")
+        check.create_index = old.create_index if old else idx
+        check.modify_index = idx
+        d.checks[key] = check
         self._refresh_aliases(d, partition, peer, node)
         return idx
 
@@ -958,6 +971,12 @@ def _query_keeps(entry: dict[str, Any], svc: dict[str, Any]) -> bool:
     return True
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal but for the raft indexes (Consul's IsSame)."""
+    skip = {"create_index", "modify_index"}
+    return all(getattr(a, f) == getattr(b, f) for f in a.__dataclass_fields__ if f not in skip)
+
+
 def _namespace_json(name: str, partition: str, description: str, idx: int) -> dict[str, Any]:
     return {"Name": name, "Description": description,
             "ACLs": {"PolicyDefaults": [], "RoleDefaults": []}, "Meta": {},
@@ -1198,9 +1217,12 @@ class Api:
             except TimeoutError:
                 break
             if abandoned or self.state.wake_all_on_write:
-                if self.state.wake_all_on_write and not abandoned:
-                    return d.index  # a write elsewhere woke it: the raft index, same data
                 break
+        # Consul re-runs the query, token resolution included, on every wake-up: a token
+        # revoked while the query was held answers 403 "ACL not found" now.
+        self.state.authorizer(self._token(request))
+        if self.state.wake_all_on_write and min_index > 0:
+            return max(d.index, index_of())  # a write elsewhere woke it: same data
         return max(1, index_of())
 
     async def _route(self, request: web.Request) -> tuple[int, Any, dict[str, str]]:

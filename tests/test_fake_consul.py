@@ -539,3 +539,34 @@ def test_runs_as_a_process_driven_over_rpc(tmp_path: Path) -> None:
             remote.register_service("x", "no-such-node")
     finally:
         stop_process(proc)
+
+
+def test_identical_writes_keep_their_indexes(fake: FakeConsul) -> None:
+    """As Consul's ensureServiceTxn/ensureCheckTxn: a re-registration that changes nothing
+    moves no index; one that moves the address moves the service, not its check."""
+    web, checks = index_of(fake, "/v1/health/service/web"), index_of(fake, "/v1/health/state/any")
+    services = index_of(fake, "/v1/catalog/services")
+    fake.register_service("web", "n1", id="web-1", port=8080, tags=["v1"])
+    fake.register_node("n1", "10.0.0.1", meta={"rack": "r1"})
+    fake.set_service_health("web-2", "n2", "passing")
+    assert (index_of(fake, "/v1/health/service/web"), index_of(fake, "/v1/health/state/any"),
+            index_of(fake, "/v1/catalog/services")) == (web, checks, services)
+    fake.register_service("web", "n1", id="web-1", port=8080, tags=["v1"], address="10.0.7.7")
+    assert index_of(fake, "/v1/health/service/web") > web
+    assert index_of(fake, "/v1/catalog/services") > services
+    assert index_of(fake, "/v1/health/state/any") == checks
+
+
+def test_a_token_revoked_during_a_blocking_query(fake: FakeConsul) -> None:
+    fake.enable_acls()
+    fake.add_token("t", READ_ALL)
+    idx = int(get(fake, "/v1/health/service/web", "t")[1]["X-Consul-Index"])
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(
+        r=get(fake, f"/v1/health/service/web?index={idx}&wait=60s", "t")))
+    thread.start()
+    assert wait_for(lambda: fake.stats()["in_flight"] > 0)
+    fake.delete_token("t")
+    fake.set_service_health("web-1", "n1", "critical")
+    thread.join(10)
+    assert out["r"][0] == 403 and out["r"][2] == "ACL not found"

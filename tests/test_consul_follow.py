@@ -1,0 +1,379 @@
+"""meshdns follows a Consul cluster: change the (fake) Consul's data, see the DNS answers change.
+
+Each test starts a real ``meshdns serve`` whose config has ``catalog.consul`` pointing at the
+fake, asks over the wire, changes the fake, and polls until the answer is the new one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode
+
+import pytest
+import yaml
+from consul_e2e import (
+    NOERROR,
+    NXDOMAIN,
+    answer,
+    consul_config,
+    converges,
+    fake_fixture,  # noqa: F401 - the `fake` fixture
+    rdata,
+    start_meshdns,
+    wait_until,
+)
+from fake_consul import FakeConsul
+
+
+def queried(fake: FakeConsul, path_prefix: str, **params: str) -> bool:
+    """Whether meshdns asked ``path_prefix...`` with these query parameters."""
+    for r in fake.requests():
+        q = dict(r["query"])
+        if r["path"].startswith(path_prefix) and all(q.get(k) == v for k, v in params.items()):
+            return True
+    return False
+
+
+def test_services_follow_registrations(start_server, fake: FakeConsul) -> None:
+    server = start_meshdns(start_server, fake.url)
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    assert answer(server, "v1.web.service.consul") == (NOERROR, ["10.0.1.1"])
+    # api has no address of its own: the node's.
+    assert answer(server, "api.service.consul") == (NOERROR, ["10.0.0.2"])
+    fake.register_service("web", "n2", id="web-3", address="10.0.1.3", port=8080)
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1", "10.0.1.2", "10.0.1.3"]))
+    fake.deregister_service("web-1", "n1")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.2", "10.0.1.3"]))
+    fake.register_node("n3", "10.0.0.3")
+    fake.register_service("cache", "n3", port=6379)
+    converges(server, "cache.service.consul", (NOERROR, ["10.0.0.3"]))
+    fake.deregister_service("api-1", "n2")
+    converges(server, "api.service.consul", (NXDOMAIN, []))
+    srv = server.query("_web._tcp.service.consul", "SRV")
+    assert [r.split()[2] for r in rdata(srv, "SRV")] == ["8080", "8080"]
+    # Every read is stale by default, as Consul's own DNS reads.
+    health = [r for r in fake.requests() if r["path"].startswith("/v1/health/")]
+    assert health and all("stale" in dict(r["query"]) for r in health)
+
+
+def test_health_of_services_and_nodes(start_server, fake: FakeConsul) -> None:
+    server = start_meshdns(start_server, fake.url)
+    fake.set_service_health("web-1", "n1", "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.2"]))
+    fake.set_service_health("web-1", "n1", "warning")  # warning is answered (only_passing off)
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1", "10.0.1.2"]))
+    # A critical node check hides every instance on that node.
+    fake.set_node_health("n2", "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+    converges(server, "api.service.consul", (NXDOMAIN, []))
+    fake.set_node_health("n2", "passing")
+    converges(server, "api.service.consul", (NOERROR, ["10.0.0.2"]))
+    # Maintenance mode is a critical check, as the agent writes it.
+    fake.set_maintenance("n1", True, service_id="web-1", reason="deploy")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.2"]))
+    fake.set_maintenance("n1", False, service_id="web-1")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1", "10.0.1.2"]))
+
+
+def test_only_passing_excludes_warning(start_server, fake: FakeConsul) -> None:
+    server = start_meshdns(start_server, fake.url, dns={"only_passing": True})
+    fake.set_service_health("web-2", "n2", "warning")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+
+
+def test_nodes_follow(start_server, fake: FakeConsul) -> None:
+    server = start_meshdns(start_server, fake.url)
+    assert answer(server, "n1.node.consul") == (NOERROR, ["10.0.0.1"])
+    txt = server.query("n1.node.consul", "TXT")
+    assert rdata(txt, "TXT") == ['"rack=r1"']
+    fake.register_node("n1", "10.0.0.11", meta={"rack": "r2"})
+    converges(server, "n1.node.consul", (NOERROR, ["10.0.0.11"]))
+    assert wait_until(lambda: rdata(server.query("n1.node.consul", "TXT"), "TXT") ==
+                      ['"rack=r2"'])
+    fake.register_node("n9", "10.0.0.9")
+    converges(server, "n9.node.consul", (NOERROR, ["10.0.0.9"]))
+    fake.deregister_node("n9")
+    converges(server, "n9.node.consul", (NXDOMAIN, []))
+
+
+def test_peers_imported_services(start_server, fake: FakeConsul) -> None:
+    fake.add_peer("cluster-02", remote_datacenter="dc9")
+    fake.register_node("c02-n1", "10.102.0.1", peer="cluster-02", serf=False)
+    fake.register_service("pay", "c02-n1", id="pay-1", peer="cluster-02", port=7070)
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "pay.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+    assert answer(server, "pay.service.consul")[0] == NXDOMAIN  # not a local service
+    assert queried(fake, "/v1/health/service/pay", peer="cluster-02")
+    fake.register_node("c02-n2", "10.102.0.2", peer="cluster-02", serf=False)
+    fake.register_service("pay", "c02-n2", id="pay-2", peer="cluster-02", port=7070)
+    converges(server, "pay.service.cluster-02.peer.consul",
+              (NOERROR, ["10.102.0.1", "10.102.0.2"]))
+    fake.set_service_health("pay-1", "c02-n1", "critical", peer="cluster-02")
+    converges(server, "pay.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.2"]))
+    # A new imported service of a known peer.
+    fake.register_service("ledger", "c02-n2", id="ledger-1", peer="cluster-02")
+    converges(server, "ledger.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.2"]))
+
+
+def test_federated_datacenters(start_server, fake: FakeConsul) -> None:
+    fake.add_datacenter("dc2")
+    fake.register_node("m1", "10.2.0.1", dc="dc2")
+    fake.register_service("web", "m1", id="web-dc2", dc="dc2")
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "web.service.dc2.dc.consul", (NOERROR, ["10.2.0.1"]))
+    assert answer(server, "web.service.dc2.consul") == (NOERROR, ["10.2.0.1"])
+    assert answer(server, "web.service.dc1.dc.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    assert queried(fake, "/v1/health/service/web", dc="dc2")
+    fake.register_node("m2", "10.2.0.2", dc="dc2")
+    fake.register_service("web", "m2", id="web-dc2b", dc="dc2")
+    converges(server, "web.service.dc2.dc.consul", (NOERROR, ["10.2.0.1", "10.2.0.2"]))
+    converges(server, "m2.node.dc2.dc.consul", (NOERROR, ["10.2.0.2"]))
+    assert answer(server, "web.service.nowhere.dc.consul")[0] == NXDOMAIN
+
+
+def test_partitions_and_namespaces(start_server, fake: FakeConsul) -> None:
+    fake.add_partition("part-2")
+    fake.add_namespace("team-a", partition="part-2")
+    fake.add_namespace("team-b")
+    fake.register_node("p2-n1", "10.3.0.1", partition="part-2")
+    fake.register_service("web", "p2-n1", id="web-p2", partition="part-2", namespace="team-a")
+    fake.register_service("web", "n1", id="web-b", namespace="team-b", address="10.0.9.1")
+    server = start_meshdns(start_server, fake.url, partitions=["*"], namespaces=["*"])
+    converges(server, "web.service.team-a.ns.part-2.ap.consul", (NOERROR, ["10.3.0.1"]))
+    converges(server, "web.service.team-b.ns.consul", (NOERROR, ["10.0.9.1"]))
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    assert answer(server, "web.service.part-2.ap.consul")[0] == NXDOMAIN  # default ns there
+    assert queried(fake, "/v1/health/service/web", partition="part-2", ns="team-a")
+    fake.register_service("web", "p2-n1", id="web-p2", partition="part-2", namespace="team-a",
+                          address="10.3.1.1")
+    converges(server, "web.service.team-a.ns.part-2.ap.consul", (NOERROR, ["10.3.1.1"]))
+    converges(server, "p2-n1.node.part-2.ap.consul", (NOERROR, ["10.3.0.1"]))
+
+
+def test_only_the_configured_partitions_and_namespaces(start_server, fake: FakeConsul) -> None:
+    fake.add_namespace("team-b")
+    fake.register_service("web", "n1", id="web-b", namespace="team-b", address="10.0.9.1")
+    server = start_meshdns(start_server, fake.url)  # default: ["default"] / ["default"]
+    assert answer(server, "web.service.team-b.ns.consul")[0] == NXDOMAIN
+    assert not queried(fake, "/v1/health/service/web", ns="team-b")
+
+
+def test_virtual_ips_come_from_consul(start_server, fake: FakeConsul) -> None:
+    fake.add_sidecar("web-1", "n1")
+    fake.add_sidecar("web-2", "n2")
+    fake.add_peer("cluster-02")
+    fake.register_node("c02-n1", "10.102.0.1", peer="cluster-02", serf=False)
+    fake.register_service("web", "c02-n1", id="web-c", peer="cluster-02")
+    fake.add_sidecar("web-c", "c02-n1", peer="cluster-02")
+    local_vip = fake.virtual_ip("web")
+    peer_vip = fake.virtual_ip("web", peer="cluster-02")
+    assert local_vip and peer_vip and local_vip != peer_vip
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "web.virtual.consul", (NOERROR, [local_vip]))
+    converges(server, "web.virtual.cluster-02.peer.consul", (NOERROR, [peer_vip]))
+    # The sidecars are the mesh-capable instances.
+    assert answer(server, "web.connect.consul") == (NOERROR, ["10.0.0.1", "10.0.0.2"])
+    # Consul moves the address (a manual VIP): meshdns follows, it does not keep its own.
+    for sid, node in (("web-1-sidecar-proxy", "n1"), ("web-2-sidecar-proxy", "n2")):
+        fake.set_tagged_address(sid, node, "consul-virtual", "240.0.9.9", 21000)
+    converges(server, "web.virtual.consul", (NOERROR, ["240.0.9.9"]))
+    ptr = server.query("9.9.0.240.in-addr.arpa", "PTR")
+    assert any("web" in r for r in rdata(ptr, "PTR")), ptr
+
+
+def test_a_mesh_service_without_a_consul_virtual_ip_has_none(start_server,
+                                                             fake: FakeConsul) -> None:
+    """Transparent proxies match traffic by Consul's VIPs: meshdns must never invent one."""
+    fake.state.auto_virtual_ips = False  # a Consul that has not allocated one (yet)
+    fake.add_sidecar("web-1", "n1")
+    fake.register_node("n3", "10.0.0.3")
+    fake.register_service("native", "n3", native=True)
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "web.connect.consul", (NOERROR, ["10.0.0.1"]))
+    assert answer(server, "web.virtual.consul")[0] == NXDOMAIN
+    assert answer(server, "native.virtual.consul")[0] == NXDOMAIN
+    fake.set_tagged_address("web-1-sidecar-proxy", "n1", "consul-virtual", "240.0.0.42", 21000)
+    converges(server, "web.virtual.consul", (NOERROR, ["240.0.0.42"]))
+    fake.set_tagged_address("native", "n3", "consul-virtual", "240.0.0.43", 0)
+    converges(server, "native.virtual.consul", (NOERROR, ["240.0.0.43"]))
+    fake.set_tagged_address("web-1-sidecar-proxy", "n1", "consul-virtual", None)
+    converges(server, "web.virtual.consul", (NXDOMAIN, []))
+
+
+def _peer_with_web(fake: FakeConsul) -> None:
+    fake.add_peer("cluster-02")
+    fake.register_node("c02-n1", "10.102.0.1", peer="cluster-02", serf=False)
+    fake.register_service("web", "c02-n1", id="web-c", peer="cluster-02", port=8080)
+
+
+def test_service_resolver_failover(start_server, fake: FakeConsul) -> None:
+    _peer_with_web(fake)
+    fake.add_datacenter("dc2")
+    fake.register_node("m1", "10.2.0.1", dc="dc2")
+    fake.register_service("api", "m1", id="api-dc2", dc="dc2")
+    server = start_meshdns(start_server, fake.url)
+    for sid, node in (("web-1", "n1"), ("web-2", "n2")):
+        fake.set_service_health(sid, node, "critical")
+    fake.set_service_health("api-1", "n2", "critical")
+    converges(server, "web.service.consul", (NXDOMAIN, []))
+    fake.set_config_entry({"Kind": "service-resolver", "Name": "web",
+                           "Failover": {"*": {"Targets": [{"Peer": "cluster-02"}]}}})
+    converges(server, "web.service.consul", (NOERROR, ["10.102.0.1"]))
+    fake.set_config_entry({"Kind": "service-resolver", "Name": "api",
+                           "Failover": {"*": {"Datacenters": ["dc2"]}}})
+    converges(server, "api.service.consul", (NOERROR, ["10.2.0.1"]))
+    # Back home once healthy again; the entry removed, no more failover.
+    fake.set_service_health("web-1", "n1", "passing")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+    fake.set_service_health("web-1", "n1", "critical")
+    fake.delete_config_entry("service-resolver", "web")
+    converges(server, "web.service.consul", (NXDOMAIN, []))
+
+
+def test_sameness_group_failover(start_server, fake: FakeConsul) -> None:
+    _peer_with_web(fake)
+    server = start_meshdns(start_server, fake.url)
+    fake.set_config_entry({"Kind": "sameness-group", "Name": "g1", "DefaultForFailover": True,
+                           "IncludeLocal": True,
+                           "Members": [{"Partition": "default"}, {"Peer": "cluster-02"}]})
+    for sid, node in (("web-1", "n1"), ("web-2", "n2")):
+        fake.set_service_health(sid, node, "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.102.0.1"]))
+    fake.set_config_entry({"Kind": "sameness-group", "Name": "g1", "DefaultForFailover": False,
+                           "Members": [{"Partition": "default"}, {"Peer": "cluster-02"}]})
+    converges(server, "web.service.consul", (NXDOMAIN, []))
+    # Asked through the group, its members are tried in order.
+    converges(server, "web.service.g1.sg.consul", (NOERROR, ["10.102.0.1"]))
+
+
+def test_prepared_queries_run_in_consul(start_server, fake: FakeConsul) -> None:
+    fake.add_datacenter("dc2")
+    fake.register_node("m1", "10.2.0.1", dc="dc2")
+    fake.register_service("web", "m1", id="web-dc2", dc="dc2", address="10.2.1.1")
+    fake.add_prepared_query("web-v1", "web", tags=["v1"], ttl="10s")
+    fake.add_prepared_query("web-fo", "web", ttl="1s", failover={"Datacenters": ["dc2"]})
+    fake.add_prepared_query("web-remote", "web", ttl="1s", dc="dc2")
+    server = start_meshdns(start_server, fake.url)
+    reply = server.query("web-v1.query.consul", "A")
+    assert sorted(r.address for rrset in reply.answer for r in rrset) == ["10.0.1.1"]
+    assert {rrset.ttl for rrset in reply.answer} == {10}  # DNS.TTL of the query
+    assert queried(fake, "/v1/query/web-v1/execute")
+    converges(server, "web-fo.query.consul", (NOERROR, ["10.0.1.1", "10.0.1.2"]))
+    # Consul's failover, executed by Consul: everything local is critical -> dc2.
+    for sid, node in (("web-1", "n1"), ("web-2", "n2")):
+        fake.set_service_health(sid, node, "critical")
+    converges(server, "web-fo.query.consul", (NOERROR, ["10.2.1.1"]))
+    # .query.<dc> executes in that datacenter.
+    converges(server, "web-remote.query.dc2.consul", (NOERROR, ["10.2.1.1"]))
+    assert queried(fake, "/v1/query/web-remote/execute", dc="dc2")
+    assert answer(server, "no-such-query.query.consul")[0] == NXDOMAIN
+
+
+def test_prepared_query_results_are_held_for_their_ttl(start_server, fake: FakeConsul) -> None:
+    fake.add_prepared_query("web-long", "web", ttl="10m")
+    server = start_meshdns(start_server, fake.url)
+    assert answer(server, "web-long.query.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    executed = sum(1 for r in fake.requests() if r["path"] == "/v1/query/web-long/execute")
+    for _ in range(20):
+        server.query("web-long.query.consul", "A")
+    after = sum(1 for r in fake.requests() if r["path"] == "/v1/query/web-long/execute")
+    assert after == executed, "a held result must not be executed again within its TTL"
+
+
+def test_unix_socket_address(start_server, fake: FakeConsul) -> None:
+    server = start_meshdns(start_server, fake.unix_url)
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    fake.set_service_health("web-2", "n2", "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+    transports = {r["transport"] for r in fake.requests() if r["path"].startswith("/v1/")}
+    assert transports == {"unix"}
+
+
+def test_token_file_is_reread_when_it_changes(start_server, fake: FakeConsul,
+                                              tmp_path: Path) -> None:
+    policy = {"node_prefix": {"": {"policy": "read"}}, "service_prefix": {"": {"policy": "read"}},
+              "agent_prefix": {"": {"policy": "read"}}}
+    fake.enable_acls()
+    fake.add_token("secret-one", policy)
+    token_file = tmp_path / "token"
+    token_file.write_text("secret-one\n")
+    server = start_meshdns(start_server, fake.url, token_file=str(token_file))
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    sent = {r["headers"].get("x-consul-token") or r["headers"].get("authorization")
+            for r in fake.requests() if r["path"].startswith("/v1/health/")}
+    assert sent in ({"secret-one"}, {"Bearer secret-one"})
+    # Rotation, as a Kubernetes Secret update does it: the new token first, the old one revoked.
+    fake.add_token("secret-two", policy)
+    token_file.write_text("secret-two\n")
+    fake.delete_token("secret-one")
+    t0 = max(r["start"] for r in fake.requests())
+    fake.set_service_health("web-2", "n2", "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+    later = [r for r in fake.requests() if r["start"] > t0 and r["path"].startswith("/v1/")]
+    assert later and all("secret-two" in (r["headers"].get("x-consul-token", "") +
+                                          r["headers"].get("authorization", ""))
+                         for r in later if r["status"] == 200)
+
+
+def test_a_token_is_a_header_never_a_url_parameter(start_server, fake: FakeConsul) -> None:
+    fake.enable_acls()
+    fake.add_token("s3cret", {"node_prefix": {"": {"policy": "read"}},
+                              "service_prefix": {"": {"policy": "read"}},
+                              "agent_prefix": {"": {"policy": "read"}}})
+    server = start_meshdns(start_server, fake.url, token="s3cret", datacenter="dc1")
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.1", "10.0.1.2"])
+    urls = [r["path"] + "?" + urlencode(r["query"]) for r in fake.requests()]
+    assert not [u for u in urls if "s3cret" in u]
+    assert all(not parse_qs(u.partition("?")[2]).get("token") for u in urls)
+    assert "s3cret" not in server.log_path.read_text()
+
+
+def test_two_replicas_give_the_same_answers_and_converge(start_server,
+                                                        fake: FakeConsul) -> None:
+    fake.add_sidecar("web-1", "n1")
+    fake.add_sidecar("api-1", "n2")
+    fake.add_peer("cluster-02")
+    fake.register_node("c02-n1", "10.102.0.1", peer="cluster-02", serf=False)
+    fake.register_service("pay", "c02-n1", id="pay-1", peer="cluster-02")
+    fake.add_sidecar("pay-1", "c02-n1", peer="cluster-02")
+    names = ["web.service.consul", "api.service.consul", "web.virtual.consul",
+             "api.virtual.consul", "pay.virtual.cluster-02.peer.consul",
+             "pay.service.cluster-02.peer.consul", "n1.node.consul", "db.virtual.consul"]
+    one = start_meshdns(start_server, fake.url)
+    two = start_meshdns(start_server, fake.url)
+
+    def same() -> bool:
+        return [answer(one, n) for n in names] == [answer(two, n) for n in names]
+
+    assert wait_until(same), [(n, answer(one, n), answer(two, n)) for n in names]
+    assert answer(one, "web.virtual.consul") == (NOERROR, [fake.virtual_ip("web")])
+    # A change: a new mesh service (a new VIP) and a health change; both replicas follow.
+    fake.register_node("n3", "10.0.0.3")
+    fake.register_service("db", "n3", id="db-1", port=5432)
+    fake.add_sidecar("db-1", "n3")
+    fake.set_service_health("web-1", "n1", "critical")
+    vip = fake.virtual_ip("db")
+    for server in (one, two):
+        converges(server, "db.virtual.consul", (NOERROR, [vip]))
+        converges(server, "web.service.consul", (NOERROR, ["10.0.1.2"]))
+    assert wait_until(same)
+
+
+@pytest.mark.parametrize("address", ["http", "unix"])
+def test_check_in_consul_mode_prints_what_the_token_sees(tmp_path: Path, fake: FakeConsul,
+                                                         address: str) -> None:
+    fake.add_peer("cluster-02")
+    url = fake.url if address == "http" else fake.unix_url
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(consul_config(url)))
+    done = subprocess.run([sys.executable, "-m", "meshdns", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for word in ("dc1", "default", "cluster-02"):
+        assert word in done.stdout, done.stdout
+    fake.stop_listener()
+    done = subprocess.run([sys.executable, "-m", "meshdns", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
