@@ -570,3 +570,22 @@ def test_a_token_revoked_during_a_blocking_query(fake: FakeConsul) -> None:
     fake.set_service_health("web-1", "n1", "critical")
     thread.join(10)
     assert out["r"][0] == 403 and out["r"][2] == "ACL not found"
+
+
+def test_the_enterprise_policy_reads_every_partition_and_namespace(fake: FakeConsul) -> None:
+    policy = json.loads((Path(__file__).resolve().parents[1] / "configs" / "consul" /
+                         "meshdns-policy-enterprise.json").read_text())
+    fake.add_partition("part-2")
+    fake.add_namespace("team-a", partition="part-2")
+    fake.register_node("p2-n1", "10.3.0.1", partition="part-2")
+    fake.register_service("api", "p2-n1", partition="part-2", namespace="team-a")
+    fake.add_peer("p9", partition="part-2")
+    fake.enable_acls()
+    fake.add_token("meshdns", policy)
+    scope = "partition=part-2&ns=team-a"
+    for path in (f"/v1/health/service/api?{scope}", f"/v1/catalog/services?{scope}",
+                 "/v1/catalog/nodes?partition=part-2", f"/v1/health/state/any?{scope}",
+                 "/v1/partitions", "/v1/peerings?partition=part-2", "/v1/agent/self"):
+        status, headers, body = get(fake, path, "meshdns")
+        assert status == 200 and body, (path, body)
+        assert "X-Consul-Results-Filtered-By-ACLs" not in headers, path
