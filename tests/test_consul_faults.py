@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from conftest import free_port
 from consul_e2e import (
     NOERROR,
@@ -70,10 +69,6 @@ def test_unreachable_later_serves_the_last_snapshot(start_server, fake: FakeCons
     assert wait_until(lambda: (metric(server, "meshdns_catalog_stale_seconds") or 0) < first)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "source defect: after Consul is back, watches re-send blocking queries that Consul holds "
-    "for `wait` with no reply, so nothing marks it reachable until the 30 s topology poll "
-    "(catalog/consul/watch.py: the first read after an error must not block)"))
 def test_max_stale_turns_answers_into_servfail(start_server, fake: FakeConsul) -> None:
     server = start_meshdns(start_server, fake.url, max_stale="2s")
     assert answer(server, "web.service.consul") == WEB
@@ -86,9 +81,6 @@ def test_max_stale_turns_answers_into_servfail(start_server, fake: FakeConsul) -
     assert wait_until(lambda: ready(server) == 200)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "source defect: a 403 on a topology read (/v1/peerings, source._optional) is recorded "
-    "but never logged"))
 def test_permission_denied_names_the_endpoint_and_the_permission(start_server,
                                                                  fake: FakeConsul) -> None:
     fake.enable_acls()
@@ -112,9 +104,6 @@ def test_permission_denied_names_the_endpoint_and_the_permission(start_server,
               timeout=90)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "source defect: a fetch answered 403 is not retried (source._fetcher), so the change "
-    "never shows once the permission is back"))
 def test_a_health_endpoint_forbidden(start_server, fake: FakeConsul) -> None:
     server = start_meshdns(start_server, fake.url)
     assert answer(server, "web.service.consul") == WEB
@@ -193,9 +182,6 @@ def test_requests_that_hang_time_out_and_are_retried(start_server, fake: FakeCon
     converges(server, "web.service.consul", WEB_AFTER, timeout=60)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "source defect: a fetch whose body is malformed is not retried (source._fetcher), so "
-    "the change never shows once Consul answers well again"))
 def test_malformed_json_keeps_the_last_good_data(start_server, fake: FakeConsul) -> None:
     server = start_meshdns(start_server, fake.url)
     assert answer(server, "web.service.consul") == WEB
@@ -243,10 +229,6 @@ def test_concurrency_never_above_max_requests(start_server, fake: FakeConsul) ->
     assert max_overlap(requests_to(fake, "/v1/")) <= 16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "source defect: with max_requests 8 the watch lane has 6 slots, but two datacenters need "
-    "8 blocking watches (5 local, 3 remote) that hold their slot for `wait`: the topology "
-    "polls and fetches starve and meshdns never gets ready (nor does `check` say why)"))
 def test_a_small_max_requests_still_follows_two_datacenters(start_server,
                                                             fake: FakeConsul) -> None:
     _many_services(fake)

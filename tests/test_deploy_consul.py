@@ -45,8 +45,10 @@ def rendered() -> list[dict[str, Any]]:
     return render(OVERLAY)
 
 
-def test_overlay_renders_the_base_objects(rendered: list[dict[str, Any]]) -> None:
-    assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in render(BASE))
+def test_overlay_renders_the_base_objects_but_the_catalog(rendered: list[dict[str, Any]]
+                                                         ) -> None:
+    base = [o for o in render(BASE) if o["metadata"]["name"] != "meshdns-catalog"]
+    assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in base)
 
 
 def test_overlay_objects_validate_against_the_schemas(rendered: list[dict[str, Any]]) -> None:
@@ -71,23 +73,28 @@ def test_embedded_config_is_consul_mode_and_valid(rendered: list[dict[str, Any]]
 
 
 def test_token_file_is_the_mounted_secret(rendered: list[dict[str, Any]]) -> None:
-    config = yaml.safe_load(the(rendered, "ConfigMap")["data"]["config.yaml"])
-    token_file = PurePosixPath(config["catalog"]["consul"]["token_file"])
+    configmap = the(rendered, "ConfigMap")
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
     pod = the(rendered, "Deployment")["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = [m for m in pod["containers"][0]["volumeMounts"]
-              if token_file.is_relative_to(m["mountPath"])]
+    container = pod["containers"][0]
+    config_path = PurePosixPath(container["command"][container["command"].index("--config") + 1])
+    token_file = config_path.parent / config["catalog"]["consul"]["token_file"]  # relative
+    mounts = [m for m in container["volumeMounts"] if token_file.is_relative_to(m["mountPath"])]
     assert len(mounts) == 1, f"no volume mounted where {token_file} lives"
     mount = mounts[0]
     assert mount.get("readOnly") is True
     assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
-    secret = volumes[mount["name"]]["secret"]
-    item = {i["path"]: i["key"] for i in secret["items"]}
-    assert item[str(token_file.relative_to(mount["mountPath"]))] == "token"
-    assert secret["defaultMode"] & 0o007 == 0, "the token is not world-readable"
-    # The base's config volume and probes are still there.
-    assert "config" in volumes and pod["containers"][0]["readinessProbe"]["httpGet"]["path"] \
-        == "/ready"
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    sources = volume["projected"]["sources"]
+    assert {"name": configmap["metadata"]["name"]} == {
+        "name": next(s["configMap"]["name"] for s in sources if "configMap" in s)}
+    secret = next(s["secret"] for s in sources if "secret" in s)
+    relative = str(token_file.relative_to(mount["mountPath"]))
+    item = next(i for i in secret["items"] if i["path"] == relative)
+    assert item["key"] == "token"
+    assert item["mode"] & 0o007 == 0, "the token is not world-readable"
+    assert pod["securityContext"]["fsGroup"], "group-readable needs the pod's fsGroup"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
 
 
 def test_no_secret_is_committed(rendered: list[dict[str, Any]]) -> None:
