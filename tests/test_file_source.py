@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,26 @@ def test_an_unreadable_catalog_is_read_once_readable_again_unchanged(shared_dir:
         assert logged(server, "read again after")
     finally:
         server.stop()
+
+
+def test_a_reload_that_ran_out_of_file_descriptors_is_retried_unchanged(served) -> None:
+    """Issue 8 point 4, EMFILE: the running server's descriptor limit is lowered to 0 from
+    outside (prlimit), so its next open() fails for real; once the limit is back, the file,
+    not touched again, is read by the retry."""
+    server, catalog = served()
+    pid = server.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, hard))
+    try:
+        replace(catalog, CATALOG.replace("10.0.1.3", "10.0.1.7"))
+        assert wait_for(lambda: errors(server, "Too many open files"), timeout=10), \
+            server.logs()
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert wait_for(lambda: web(server) == ["10.0.1.1", "10.0.1.2", "10.0.1.7"],
+                    timeout=15), server.logs()
+    assert logged(server, "read again after")
+    assert reload_errors(server) >= 1
 
 
 # --- issue 8 point 9: size cap, parse bound, FIFOs, SIGTERM during a reload -------------------
