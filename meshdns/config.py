@@ -213,6 +213,16 @@ class DnsSettings(_Model):
             parse_hostport(item, 53)
         return value
 
+    @field_validator("service_ttl", mode="before")
+    @classmethod
+    def _ttls_by_service(cls, value: object) -> object:
+        # `service_ttl: 5s` is the natural first guess; pydantic's own word for it is "Input
+        # should be a valid dictionary", which does not say what to write instead
+        if not isinstance(value, dict):
+            raise ValueError(f"expected TTLs by service name, e.g. {{'*': 5s}} for every "
+                             f"service or {{'web': 10s, 'db*': 30s}}, got {value!r}")
+        return value
+
     @field_validator("service_ttl")
     @classmethod
     def _wildcards_at_end(cls, value: dict[str, float]) -> dict[str, float]:

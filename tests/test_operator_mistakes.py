@@ -128,6 +128,18 @@ def test_poll_interval_below_the_minimum_is_refused(tmp_path: Path, value: str) 
     assert catalog.exists()
 
 
+def test_a_single_service_ttl_says_what_to_write(tmp_path: Path) -> None:
+    """`service_ttl: 5s` (Consul's is a map by service name) names the form it wants."""
+    write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    config = write_config(tmp_path / "config.yaml",
+                          "catalog: {file: catalog.yaml}\ndns:\n  service_ttl: 5s\n")
+    result = run("check", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{config}:3: dns.service_ttl: expected TTLs by service name, e.g. {{'*': 5s}} for "
+        "every service or {'web': 10s, 'db*': 30s}, got '5s'"]
+
+
 def test_unknown_keys_list_the_valid_ones_and_suggest(tmp_path: Path) -> None:
     catalog = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     config = write_config(tmp_path / "config.yaml", "catalog: {file: catalog.yaml}\n"
