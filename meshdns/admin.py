@@ -255,10 +255,9 @@ async def start_admin(server: Served, listen: str,
     await runner.setup()
     handlers = runner.server
     assert handlers is not None
-    cap = settings.max_connections
-
     def connection() -> asyncio.Protocol:
-        if len(handlers.connections) >= cap:
+        # read on every accept: a SIGHUP may have changed it
+        if len(handlers.connections) >= server.config.admin.max_connections:
             return _Refused()
         return handlers()
 

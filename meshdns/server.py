@@ -311,6 +311,7 @@ class DnsServer:
         self.tcp_connections: set[TcpProtocol] = set()
         self.tcp_clients: dict[str, int] = {}  # open connections by client address
         self.tcp_limit = config.dns.tcp_max_connections  # lowered by start() to fit the fds
+        self.fd_room: int | None = None  # TCP connections the fds leave room for (start())
         self.draining = False
         self.pending_forwards = 0
         self.admin_port = 0  # set by admin.start_admin
@@ -341,7 +342,8 @@ class DnsServer:
 
     async def start(self, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self.tcp_limit = tcp_connection_limit(self.config)
+        self.fd_room = tcp_fd_room(self.config)
+        self.tcp_limit = tcp_connection_limit(self.config, self.fd_room)
         for host, port in self.config.listen_addresses():
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             # TCP first: with port 0 the kernel picks a port, and UDP then takes the same one
@@ -459,6 +461,8 @@ class DnsServer:
             "listen": old.listen, "workers": old.workers,
             "admin": new.admin.model_copy(update={"listen": old.admin.listen})})
         self.config = new
+        # the cap is read per connection; the fd room was measured at start
+        self.tcp_limit = tcp_connection_limit(new, self.fd_room, warn=False)
         self.responder.reconfigure(new)
         logging.getLogger("meshdns").setLevel(new.log_level.upper())
         restart += self.source.reconfigure(new)
@@ -494,12 +498,23 @@ class DnsServer:
             await srv.wait_closed()
 
 
-def tcp_connection_limit(config: Config) -> int:
-    """dns.tcp_max_connections, lowered so that at the cap there are still descriptors for
-    the admin port's connections, pending forwards, catalog reloads and the listeners (at the
-    cap a reload failing with EMFILE would leave stale data). Raises the soft RLIMIT_NOFILE to
-    the hard one first, as most servers do: the default soft limit (often 1024) is for
-    interactive shells."""
+def tcp_connection_limit(config: Config, room: int | None, warn: bool = True) -> int:
+    """dns.tcp_max_connections, lowered to ``room`` (``tcp_fd_room``) if that is less."""
+    if room is None:
+        return config.dns.tcp_max_connections
+    if room < config.dns.tcp_max_connections and warn:
+        log.warning("open-file limit %d: at most %d TCP connections at once "
+                    "(dns.tcp_max_connections is %d)", resource.getrlimit(
+                        resource.RLIMIT_NOFILE)[0], room, config.dns.tcp_max_connections)
+    return min(config.dns.tcp_max_connections, room)
+
+
+def tcp_fd_room(config: Config) -> int | None:
+    """How many TCP connections the open-file limit leaves room for, once there are still
+    descriptors for the admin port's connections, pending forwards, catalog reloads and the
+    listeners (at the cap a reload failing with EMFILE would leave stale data); None when
+    there is no limit to read. Raises the soft RLIMIT_NOFILE to the hard one first, as most
+    servers do: the default soft limit (often 1024) is for interactive shells."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
@@ -510,7 +525,7 @@ def tcp_connection_limit(config: Config) -> int:
             except (ValueError, OSError):
                 pass
     except (ValueError, OSError):  # pragma: no cover - no limit to read
-        return config.dns.tcp_max_connections
+        return None
     try:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:  # pragma: no cover - not Linux
@@ -519,12 +534,7 @@ def tcp_connection_limit(config: Config) -> int:
               + (config.dns.recursor_max_pending if config.dns.recursors else 0)
               + (config.admin.max_connections + 1 if config.admin.listen else 0)
               + 2 * len(config.listen))
-    room = max(16, soft - others)
-    if room < config.dns.tcp_max_connections:
-        log.warning("open-file limit %d: at most %d TCP connections at once "
-                    "(dns.tcp_max_connections is %d)", soft, room,
-                    config.dns.tcp_max_connections)
-    return min(config.dns.tcp_max_connections, room)
+    return max(16, soft - others)
 
 
 async def _exchange(data: bytes, host: str, port: int, tcp: bool) -> bytes:
@@ -624,7 +634,8 @@ async def run(config: Config, source: CatalogSource,
 
 
 #: Settings bound to sockets and processes at start-up.
-NEEDS_RESTART = frozenset({"listen", "workers", "admin.listen", "catalog.consul"})
+NEEDS_RESTART = frozenset({"listen", "workers", "admin.listen", "admin.idle_timeout",
+                           "catalog.consul"})  # (aiohttp takes its keep-alive timer once)
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -522,6 +523,46 @@ def test_sighup_applies_the_edited_config(start_server, tmp_path: Path) -> None:
     server.signal(signal.SIGHUP)
     assert wait_for(lambda: logged(server, "config reload refused"), timeout=10)
     assert ttl(server) == 30
+
+
+def test_sighup_applies_connection_caps_and_names_what_needs_a_restart(start_server,
+                                                                        tmp_path: Path) -> None:
+    """dns.tcp_max_connections and admin.max_connections were logged as applied on SIGHUP
+    while the running caps stayed the ones of the start; admin.idle_timeout (aiohttp's timer,
+    set once) was logged as applied too."""
+    write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    server = start_server(config={"catalog": {"file": "catalog.yaml"}})
+    edited = {"catalog": {"file": "catalog.yaml"}, "dns": {"tcp_max_connections": 3},
+              "admin": {"max_connections": 2, "idle_timeout": "9s"}}
+    server.config_path.write_text(yaml.safe_dump(edited))
+    server.signal(signal.SIGHUP)
+    assert wait_for(lambda: logged(server, "config reloaded: applied"), timeout=10)
+    [applied] = logged(server, "config reloaded: applied")
+    assert "dns.tcp_max_connections" in applied and "admin.max_connections" in applied
+    [restart] = logged(server, "takes a restart", "warning")
+    assert "admin.idle_timeout" in restart and "admin.idle_timeout" not in applied
+
+    def held_open(port: int, count: int) -> int:
+        """How many of ``count`` connections the server keeps (the others: closed at once)."""
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(count)]
+        try:
+            kept = 0
+            for sock in socks:
+                sock.settimeout(0.5)
+                try:
+                    sock.recv(1)  # b"": closed by the server, refused
+                except TimeoutError:
+                    kept += 1  # nothing came, not closed: held
+                except OSError:
+                    pass  # reset: refused
+            return kept
+        finally:
+            for sock in socks:
+                sock.close()
+
+    assert held_open(server.port, 8) == 3
+    assert held_open(server.admin_port, 6) == 2
+    assert web(server) == WEB
 
 
 if __name__ == "__main__":  # pragma: no cover
