@@ -1481,6 +1481,25 @@ class Api:
     def batch(self, calls: list[tuple[str, list[Any], dict[str, Any]]]) -> list[Any]:
         return [self.call(m, *a, **k) for m, a, k in calls]
 
+    def start_churn(self, calls: list[tuple[str, list[Any], dict[str, Any]]], rate: float,
+                    seconds: float) -> None:
+        """Make the writes ``calls`` (cycled) at ``rate`` a second for ``seconds``, on the
+        fake's own loop, so the rate does not depend on a client's round trips."""
+        async def run() -> None:
+            start = time.monotonic()
+            n = 0
+            while time.monotonic() - start < seconds:
+                method, args, kwargs = calls[n % len(calls)]
+                self.call(method, *args, **kwargs)
+                n += 1
+                self.churned = n
+                await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        self.churned = 0
+        self._churn = asyncio.ensure_future(run())
+
+    def churn_count(self) -> int:
+        return int(getattr(self, "churned", 0))
+
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                 "requests": len(self.log),
@@ -1494,7 +1513,8 @@ class Api:
         return [r.as_dict() for r in self.log]
 
 
-_API_METHODS = {"add_fault", "clear_faults", "reset_log", "requests", "stats", "batch"}
+_API_METHODS = {"add_fault", "clear_faults", "reset_log", "requests", "stats", "batch",
+                "start_churn", "churn_count"}
 _STATUS_BODIES = {
     403: "Permission denied",
     429: "Your IP is issuing too many concurrent connections, please rate limit your calls\n",
