@@ -117,6 +117,38 @@ def test_peers_imported_services(start_server, fake: FakeConsul) -> None:
     converges(server, "ledger.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.2"]))
 
 
+def test_peer_nodes_follow_imported_services(start_server, fake: FakeConsul) -> None:
+    """A peer's nodes are the nodes its imported services run on: their names answer, SRV
+    targets naming them resolve (glue included), and a node leaves with its last service."""
+    fake.add_peer("cluster-02")
+    fake.register_node("c02-n1", "10.102.0.1", peer="cluster-02", serf=False,
+                       meta={"zone": "z1"})
+    fake.register_service("pay", "c02-n1", id="pay-1", peer="cluster-02", port=7070)
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "c02-n1.node.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+    srv = server.query("_pay._tcp.service.cluster-02.peer.consul", "SRV")
+    assert [r.split()[3] for r in rdata(srv, "SRV")] == ["c02-n1.node.cluster-02.peer.consul."]
+    glue = [rr.to_text() for rrset in srv.additional if rrset.rdtype == 1 for rr in rrset]
+    assert glue == ["10.102.0.1"]
+    assert answer(server, "c02-n1.node.consul")[0] == NXDOMAIN  # not a local node
+    ptr = server.query("1.0.102.10.in-addr.arpa", "PTR")
+    assert rdata(ptr, "PTR") == ["c02-n1.node.cluster-02.peer.consul."]
+    # A second imported service on a new node; the node's address moves with its services.
+    fake.register_node("c02-n2", "10.102.0.2", peer="cluster-02", serf=False)
+    fake.register_service("ledger", "c02-n2", id="ledger-1", peer="cluster-02")
+    converges(server, "c02-n2.node.cluster-02.peer.consul", (NOERROR, ["10.102.0.2"]))
+    fake.register_service("pay", "c02-n2", id="pay-2", peer="cluster-02", port=7070)
+    fake.register_node("c02-n2", "10.102.0.22", peer="cluster-02", serf=False)
+    converges(server, "c02-n2.node.cluster-02.peer.consul", (NOERROR, ["10.102.0.22"]))
+    # c02-n2 stays while pay-2 is on it, goes with the last of its services.
+    fake.deregister_service("ledger-1", "c02-n2", peer="cluster-02")
+    converges(server, "ledger.service.cluster-02.peer.consul", (NXDOMAIN, []))
+    assert answer(server, "c02-n2.node.cluster-02.peer.consul") == (NOERROR, ["10.102.0.22"])
+    fake.deregister_service("pay-2", "c02-n2", peer="cluster-02")
+    converges(server, "c02-n2.node.cluster-02.peer.consul", (NXDOMAIN, []))
+    assert answer(server, "c02-n1.node.cluster-02.peer.consul") == (NOERROR, ["10.102.0.1"])
+
+
 def test_federated_datacenters(start_server, fake: FakeConsul) -> None:
     fake.add_datacenter("dc2")
     fake.register_node("m1", "10.2.0.1", dc="dc2")

@@ -103,6 +103,10 @@ class ConsulCatalogSource:
         self.resolvers: dict[str, Any] = {}  # partition -> service-resolver body
         self.groups: dict[str, dict[tuple[str, str], SamenessGroup]] = {}
         self.nodes_by_scope: dict[tuple[str, str], dict[NodeKey, NodeRecord]] = {}
+        # Imported nodes: a peer has no /v1/catalog/nodes, so its nodes are the ``Node`` objects
+        # of its imported services' entries, indexed while some imported service is on them.
+        self.peer_nodes: dict[ServiceKey, dict[NodeKey, NodeRecord]] = {}  # service -> its nodes
+        self.peer_node_users: dict[NodeKey, dict[ServiceKey, NodeRecord]] = {}  # node -> services
         self.pending: dict[ServiceKey, list[Instance]] = {}
         self.pending_nodes: dict[NodeKey, NodeRecord | None] = {}
         self.pending_topology: dict[str, Any] = {}
@@ -649,6 +653,7 @@ class ConsulCatalogSource:
     def _flush(self) -> None:
         """Apply what the watches and fetchers gathered as one new snapshot; publish it."""
         self._flush_handle = None
+        self._index_peer_nodes()
         topology = self.pending_topology
         update = Update(services=self.pending, nodes=self.pending_nodes,
                         datacenters=topology.get("datacenters"),
@@ -666,6 +671,34 @@ class ConsulCatalogSource:
             self.interned.clear()  # records of old node states; live ones are in the snapshot
         if self.state.ready and self.publish is not None:
             self.publish(self.snapshot, Change(applied.services, applied.everything))
+
+    def _index_peer_nodes(self) -> None:
+        """Follow the nodes of imported services: a node is in the catalog (answering
+        ``<node>.node.<peer>.peer`` and the SRV targets naming it) while an imported service
+        has an instance on it, with the record of its latest fetch. Only records that differ
+        from the snapshot's go into the update (a node change empties the whole cache)."""
+        touched: set[NodeKey] = set()
+        for skey, found in self.pending.items():
+            if not skey[0]:
+                continue  # a local or federated service: its nodes come from /v1/catalog/nodes
+            now = {(i.node.peer, i.node.datacenter, i.node.partition, i.node.name.lower()):
+                   i.node for i in found}
+            was = self.peer_nodes.pop(skey, {})
+            if now:
+                self.peer_nodes[skey] = now
+            for nkey in was.keys() | now.keys():
+                users = self.peer_node_users.setdefault(nkey, {})
+                users.pop(skey, None)  # re-inserted last: the latest fetch comes last
+                if nkey in now:
+                    users[skey] = now[nkey]
+                elif not users:
+                    del self.peer_node_users[nkey]
+                touched.add(nkey)
+        for nkey in touched:
+            users = self.peer_node_users.get(nkey)
+            rec = next(reversed(users.values())) if users else None
+            if self.snapshot.nodes.get(nkey) != rec:
+                self.pending_nodes[nkey] = rec
 
     # --- staleness -----------------------------------------------------------------------
 
