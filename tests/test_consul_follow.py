@@ -149,6 +149,34 @@ def test_peer_nodes_follow_imported_services(start_server, fake: FakeConsul) -> 
     assert answer(server, "c02-n1.node.cluster-02.peer.consul") == (NOERROR, ["10.102.0.1"])
 
 
+def test_ingress_gateways_follow_config_entries(start_server, fake: FakeConsul) -> None:
+    """``<service>.ingress`` answers the gateways whose ingress-gateway config entry exposes
+    the service: entries and the gateways' instances are both followed."""
+    fake.register_node("g1", "10.0.3.1")
+    fake.register_service("edge", "g1", id="edge-1", kind="ingress-gateway", port=8443)
+    fake.set_config_entry({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+        {"Port": 8080, "Protocol": "tcp", "Services": [{"Name": "web"}]}]})
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "web.ingress.consul", (NOERROR, ["10.0.3.1"]))
+    srv = server.query("web.ingress.consul", "SRV")
+    assert [r.split()[2:] for r in rdata(srv, "SRV")] == [["8443", "g1.node.dc1.consul."]]
+    assert answer(server, "api.ingress.consul")[0] == NXDOMAIN
+    # A second gateway instance comes; the entry moves to expose api (and web no more).
+    fake.register_node("g2", "10.0.3.2")
+    fake.register_service("edge", "g2", id="edge-2", kind="ingress-gateway", port=8443)
+    converges(server, "web.ingress.consul", (NOERROR, ["10.0.3.1", "10.0.3.2"]))
+    fake.set_config_entry({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+        {"Port": 8080, "Protocol": "tcp", "Services": [{"Name": "api"}]}]})
+    converges(server, "api.ingress.consul", (NOERROR, ["10.0.3.1", "10.0.3.2"]))
+    converges(server, "web.ingress.consul", (NXDOMAIN, []))
+    # The gateways' health counts; the entry deleted, nothing is exposed.
+    fake.set_service_health("edge-1", "g1", "critical")
+    converges(server, "api.ingress.consul", (NOERROR, ["10.0.3.2"]))
+    fake.delete_config_entry("ingress-gateway", "edge")
+    converges(server, "api.ingress.consul", (NXDOMAIN, []))
+    assert answer(server, "api.service.consul") == (NOERROR, ["10.0.0.2"])
+
+
 def test_federated_datacenters(start_server, fake: FakeConsul) -> None:
     fake.add_datacenter("dc2")
     fake.register_node("m1", "10.2.0.1", dc="dc2")

@@ -484,9 +484,12 @@ class Update:
     failover: Mapping[ServiceKey, tuple[Target, ...]] | None = None
     sameness_groups: Mapping[tuple[str, str], SamenessGroup] | None = None
     prepared_queries: Mapping[str, PreparedQuery] | None = None
+    #: ``.ingress`` entries to set (an empty sequence: remove): the gateway instances
+    #: exposing each service, computed by the source from its config entries
+    ingress: Mapping[ServiceKey, Sequence[Instance]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.nodes) or any(
+        return bool(self.services or self.nodes or self.ingress) or any(
             v is not None for v in (self.datacenters, self.peers, self.partitions, self.failover,
                                     self.sameness_groups, self.prepared_queries))
 
@@ -608,6 +611,16 @@ def apply_update(snap: Snapshot, update: Update) -> Applied:
                 for address in came:
                     ptr.setdefault(address, labels)  # type: ignore[attr-defined]
 
+    ingress: dict[ServiceKey, InstanceSet] | Mapping[ServiceKey, InstanceSet] = snap.ingress
+    if update.ingress:
+        ingress = dict(snap.ingress)
+        for key, gateways in update.ingress.items():
+            if gateways:
+                ingress[key] = _set(gateways)  # type: ignore[index]
+            else:
+                ingress.pop(key, None)  # type: ignore[union-attr]
+            names.add(key[4])
+
     nodes: dict[NodeKey, NodeRecord] | Mapping[NodeKey, NodeRecord] = snap.nodes
     if update.nodes:
         nodes = dict(snap.nodes)
@@ -640,7 +653,7 @@ def apply_update(snap: Snapshot, update: Update) -> Applied:
         local_datacenter=local_dc,
         services=services,
         connect=connect,
-        ingress=snap.ingress,
+        ingress=ingress,
         nodes=nodes,
         vips=vips,
         datacenters=snap.datacenters if update.datacenters is None else update.datacenters,

@@ -373,6 +373,37 @@ def sameness_groups(doc: Any, partition: str) -> dict[tuple[str, str], SamenessG
     return out
 
 
+def ingress_exposed(doc: Any, partition: str
+                    ) -> dict[tuple[str, str], tuple[tuple[str, str, str], ...]]:
+    """``/v1/config/ingress-gateway``: (gateway namespace, gateway name) -> the services its
+    listeners expose, as (partition, namespace, name); a service's namespace and partition
+    default to the gateway's. The wildcard ``*`` service is left out: which services it
+    exposes depends on their protocol, which these entries do not say."""
+    out: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
+    for entry in _list(doc, "/v1/config/ingress-gateway"):
+        entry = _dict(entry, "ingress-gateway entry")
+        name = _str(entry.get("Name"), "Name").lower()
+        if not name:
+            raise Malformed("ingress-gateway entry: Name: missing")
+        gns = _str(entry.get("Namespace"), "Namespace", "default").lower() or "default"
+        gap = _str(entry.get("Partition"), "Partition", partition).lower() or partition
+        exposed: list[tuple[str, str, str]] = []
+        for listener in _list(entry.get("Listeners") or [], "Listeners"):
+            listener = _dict(listener, "Listeners[]")
+            for svc in _list(listener.get("Services") or [], "Listeners[].Services"):
+                svc = _dict(svc, "Listeners[].Services[]")
+                sname = _str(svc.get("Name"), "Services[].Name").lower()
+                if not sname or sname == "*":
+                    continue
+                item = (_str(svc.get("Partition"), "Services[].Partition", gap).lower() or gap,
+                        _str(svc.get("Namespace"), "Services[].Namespace", gns).lower() or gns,
+                        sname)
+                if item not in exposed:
+                    exposed.append(item)
+        out[(gns, name)] = tuple(exposed)
+    return out
+
+
 def resolver_failover(doc: Any, datacenter: str, partition: str,
                       groups: Mapping[tuple[str, str], SamenessGroup]
                       ) -> dict[tuple[str, str, str, str, str], tuple[Target, ...]]:

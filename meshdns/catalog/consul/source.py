@@ -102,6 +102,11 @@ class ConsulCatalogSource:
         self.namespaces: dict[str, list[str]] = {}  # partition -> namespaces
         self.resolvers: dict[str, Any] = {}  # partition -> service-resolver body
         self.groups: dict[str, dict[tuple[str, str], SamenessGroup]] = {}
+        # partition -> (gateway namespace, name) -> exposed (partition, namespace, service)
+        self.ingress_entries: dict[str, dict[tuple[str, str],
+                                             tuple[tuple[str, str, str], ...]]] = {}
+        self.ingress_dirty = False
+        self.ingress_last: dict[ServiceKey, tuple[Instance, ...]] = {}  # what the snapshot has
         self.nodes_by_scope: dict[tuple[str, str], dict[NodeKey, NodeRecord]] = {}
         # Imported nodes: a peer has no /v1/catalog/nodes, so its nodes are the ``Node`` objects
         # of its imported services' entries, indexed while some imported service is on them.
@@ -109,6 +114,7 @@ class ConsulCatalogSource:
         self.peer_node_users: dict[NodeKey, dict[ServiceKey, NodeRecord]] = {}  # node -> services
         self.pending: dict[ServiceKey, list[Instance]] = {}
         self.pending_nodes: dict[NodeKey, NodeRecord | None] = {}
+        self.pending_ingress: dict[ServiceKey, tuple[Instance, ...]] = {}
         self.pending_topology: dict[str, Any] = {}
         self.queue: asyncio.Queue[tuple[Scope, str]] = asyncio.Queue()
         self.queued: set[tuple[Scope, str]] = set()
@@ -381,6 +387,8 @@ class ConsulCatalogSource:
                 task.cancel()
             self.resolvers.pop(p, None)
             self.groups.pop(p, None)
+            if self.ingress_entries.pop(p, None) is not None:
+                self.ingress_dirty = True
         for p in self.partitions:
             if p not in self.config_watches:
                 self._start_config(p)
@@ -603,8 +611,46 @@ class ConsulCatalogSource:
         gparams = {"partition": partition} if partition != "default" else {}
         groups = self._watch("/v1/config/sameness-group", gparams,
                              lambda body: self._groups_changed(partition, body), optional=True)
+        ingress = self._watch("/v1/config/ingress-gateway", params,
+                              lambda body: self._ingress_changed(partition, body),
+                              optional=True)
         self.config_watches[partition] = [(asyncio.ensure_future(w.run()), w)
-                                          for w in (resolvers, groups)]
+                                          for w in (resolvers, groups, ingress)]
+
+    def _ingress_changed(self, partition: str, body: Any) -> None:
+        self.ingress_entries[partition] = mapping.ingress_exposed(body, partition)
+        self.ingress_dirty = True
+        self._schedule_flush()
+
+    def _index_ingress(self) -> None:
+        """``<service>.ingress`` answers the instances of the local ingress gateways whose
+        config entry exposes the service (as Consul's ``/v1/health/ingress/<service>``).
+        Recomputed when an entry or a gateway's instances change; only the keys whose
+        gateways differ go into the update."""
+        gateways = {("", self.local_dc, p, gns, gname)
+                    for p, entries in self.ingress_entries.items() for gns, gname in entries}
+        if not self.ingress_dirty and not gateways.intersection(self.pending):
+            return
+        self.ingress_dirty = False
+        registered = self.snapshot.registered
+        wanted: dict[ServiceKey, list[Instance]] = {}
+        for p, entries in sorted(self.ingress_entries.items()):
+            for (gns, gname), exposed in sorted(entries.items()):
+                gkey = ("", self.local_dc, p, gns, gname)
+                found = self.pending[gkey] if gkey in self.pending else registered.get(gkey, ())
+                instances = [i for i in found if i.kind == "ingress-gateway"]
+                for ap, ns, name in exposed:
+                    if instances:
+                        wanted.setdefault(("", self.local_dc, ap, ns, name), []).extend(
+                            instances)
+        for key in set(self.ingress_last) | set(wanted):
+            now = tuple(wanted.get(key, ()))
+            if self.ingress_last.get(key, ()) != now:
+                self.pending_ingress[key] = now
+                if now:
+                    self.ingress_last[key] = now
+                else:
+                    del self.ingress_last[key]
 
     def _resolvers_changed(self, partition: str, body: Any) -> None:
         mapping.resolver_failover(body, self.local_dc, partition, {})  # shape check
@@ -654,13 +700,16 @@ class ConsulCatalogSource:
         """Apply what the watches and fetchers gathered as one new snapshot; publish it."""
         self._flush_handle = None
         self._index_peer_nodes()
+        self._index_ingress()
         topology = self.pending_topology
         update = Update(services=self.pending, nodes=self.pending_nodes,
+                        ingress=self.pending_ingress,
                         datacenters=topology.get("datacenters"),
                         peers=topology.get("peers"), partitions=topology.get("partitions"),
                         failover=topology.get("failover"),
                         sameness_groups=topology.get("sameness_groups"))
         self.pending, self.pending_nodes, self.pending_topology = {}, {}, {}
+        self.pending_ingress = {}
         if not update:
             return
         applied = apply_update(self.snapshot, update)
