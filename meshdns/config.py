@@ -270,7 +270,9 @@ class ConsulSource(_Model):
                              "imported services to follow; `[]`: none.",
                              json_schema_extra=consul("cluster peering"))
     datacenters: list[str] = Field(default_factory=lambda: ["*"], description="WAN-federated "
-                                   "datacenters to follow; `[]`: only the local one.",
+                                   "datacenters to follow; `[]`: only the local one. Their "
+                                   "`default` partition only: Consul supports no other "
+                                   "partition across WAN federation (use cluster peering).",
                                    json_schema_extra=consul("WAN federation"))
     stale: bool = Field(True, description="`?stale` reads (any server answers), as Consul's "
                         "DNS does.", json_schema_extra=consul("dns_config.allow_stale"))
