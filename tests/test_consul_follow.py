@@ -20,6 +20,7 @@ from consul_e2e import (
     consul_config,
     converges,
     fake_fixture,  # noqa: F401 - the `fake` fixture
+    metric,
     rdata,
     start_meshdns,
     wait_until,
@@ -174,6 +175,23 @@ def test_ingress_gateways_follow_config_entries(start_server, fake: FakeConsul) 
     converges(server, "api.ingress.consul", (NOERROR, ["10.0.3.2"]))
     fake.delete_config_entry("ingress-gateway", "edge")
     converges(server, "api.ingress.consul", (NXDOMAIN, []))
+    assert answer(server, "api.service.consul") == (NOERROR, ["10.0.0.2"])
+
+
+def test_registration_only_change_rereads_without_decoding_the_rest(
+        start_server, fake: FakeConsul) -> None:
+    """An address change with no check change says nothing about which service changed:
+    the scope is re-read, and bodies identical to the applied ones are not decoded."""
+    server = start_meshdns(start_server, fake.url)
+    assert answer(server, "v1.web.service.consul") == (NOERROR, ["10.0.1.1"])
+    unchanged = metric(server, "meshdns_consul_fetches_unchanged_total")
+    assert unchanged == 0
+    fake.register_service("web", "n1", id="web-1", address="10.0.1.9", port=8080, tags=["v1"])
+    converges(server, "v1.web.service.consul", (NOERROR, ["10.0.1.9"]))
+    assert answer(server, "web.service.consul") == (NOERROR, ["10.0.1.2", "10.0.1.9"])
+    # api was re-read too (nothing names the changed service) but not decoded
+    assert wait_until(lambda: (metric(server, "meshdns_consul_fetches_unchanged_total")
+                               or 0) >= 1)
     assert answer(server, "api.service.consul") == (NOERROR, ["10.0.0.2"])
 
 

@@ -11,6 +11,7 @@ names the endpoint (and, for 403, the ACL permission it needs).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +80,8 @@ class Reply:
     index: int  # X-Consul-Index; 0 when the endpoint does not block
     known_leader: bool
     filtered: bool = False  # X-Consul-Results-Filtered-By-ACLs: the token hid some results
+    digest: bytes = b""  # of ``raw``, when asked for (``unless``)
+    same: bool = False  # ``raw`` has the digest given as ``unless``: not decoded, body None
 
 
 class Limiter:
@@ -194,9 +197,12 @@ class ConsulClient:
 
     async def get(self, path: str, params: dict[str, str] | None = None, *,
                   index: int | None = None, wait: float | None = None,
-                  fetch: bool = False, decode: bool = True) -> Reply:
+                  fetch: bool = False, decode: bool = True,
+                  unless: bytes | None = None) -> Reply:
         """GET ``path`` (``/v1/...``). ``index``: block until Consul's index passes it (for at
-        most ``wait`` seconds). ``fetch``: a one-off read in the fetchers' lane. Raises
+        most ``wait`` seconds). ``fetch``: a one-off read in the fetchers' lane. ``unless``:
+        the digest of the body last read (b"": none yet): a body with the same digest is not
+        decoded (``Reply.same``), as decoding is most of a re-read's cost. Raises
         ``ConsulError``."""
         query = dict(params or {})
         if self.settings.stale:
@@ -249,6 +255,11 @@ class ConsulClient:
                                   f"{self.limiter.limit + self.fetch_limiter.limit} requests "
                                   "at most now")
             raise ConsulError(path, status, f"HTTP {status}: {text or 'no detail'}")
+        digest = b""
+        if unless is not None:
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if digest == unless:
+                decode = False
         try:
             body = json.loads(raw) if decode and raw.strip() else None
         except ValueError as exc:
@@ -268,7 +279,8 @@ class ConsulClient:
         except ValueError:
             reply_index = 0
         return Reply(body, raw, max(0, reply_index),
-                     resp_headers.get("X-Consul-KnownLeader", "true") != "false", filtered)
+                     resp_headers.get("X-Consul-KnownLeader", "true") != "false", filtered,
+                     digest, bool(unless) and digest == unless)
 
     async def close(self) -> None:
         await self._session.close()

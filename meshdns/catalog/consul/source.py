@@ -123,7 +123,10 @@ class ConsulCatalogSource:
         self.started = time.monotonic()
         self.index_resets = 0
         self.fetches = 0
+        self.fetches_same = 0  # fetches whose body was the one last applied: not decoded
         self.fetch_errors = 0
+        # (scope, service) -> digest of the /v1/health/service body last applied
+        self.digests: dict[tuple[Scope, str], bytes] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._topology_changed = asyncio.Event()
@@ -431,6 +434,7 @@ class ConsulCatalogSource:
             task.cancel()
         for name in sw.names or {}:
             self.pending[_key(scope, name)] = []
+            self.digests.pop((scope, name), None)
         log.info("consul: no longer following %s", scope.describe())
         self._schedule_flush()
 
@@ -452,6 +456,7 @@ class ConsulCatalogSource:
                 self._enqueue(scope, name)
         for name in set(old) - set(names):
             self.pending[_key(scope, name)] = []
+            self.digests.pop((scope, name), None)
             sw.initial.discard(name)
             self._schedule_flush()
 
@@ -525,10 +530,18 @@ class ConsulCatalogSource:
             sw = self.scopes.get(scope)
             if sw is None:
                 continue
+            item = (scope, name)
             try:
                 reply = await self.client.get("/v1/health/service/" + name,
-                                              scope.params(self.local_dc), fetch=True)
+                                              scope.params(self.local_dc), fetch=True,
+                                              unless=self.digests.get(item, b""))
                 self._reachable()
+                if reply.same:  # what the snapshot holds already (a scope re-read, mostly)
+                    self._retries.pop(item, None)
+                    self.fetches += 1
+                    self.fetches_same += 1
+                    self._fetched(sw, name)
+                    continue
                 found = mapping.instances(reply.body, scope, self.interned)
             except ConsulError as exc:
                 self.fetch_errors += 1
@@ -550,6 +563,7 @@ class ConsulCatalogSource:
             for inst in found:
                 sw.node_services.setdefault(inst.node.name, set()).add(name)
             self.pending[_key(scope, name)] = found
+            self.digests[item] = reply.digest
             self._fetched(sw, name)
             self._schedule_flush()
 
@@ -793,6 +807,7 @@ class ConsulCatalogSource:
             "scopes": len(self.scopes),
             "fetch_queue": self.queue.qsize(),
             "fetches": self.fetches,
+            "fetches_unchanged": self.fetches_same,
             "fetch_errors": self.fetch_errors,
             "stale_seconds": round(self.stale_seconds(), 3),
             "client": client,
@@ -829,6 +844,9 @@ class ConsulCatalogSource:
              [("", sum(w.stats.no_change for w in watches))]),
             ("meshdns_consul_fetches_total", "counter",
              "Services re-read after a change.", [("", self.fetches)]),
+            ("meshdns_consul_fetches_unchanged_total", "counter",
+             "Re-reads whose body was the one already applied (not decoded).",
+             [("", self.fetches_same)]),
             ("meshdns_consul_query_executions_total", "counter",
              "Prepared queries executed in Consul (results are held for their DNS TTL).",
              [("", self.prepared.executions)]),
