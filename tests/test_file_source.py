@@ -266,6 +266,21 @@ def test_a_file_over_max_size_is_refused_unread(served) -> None:
     assert result.returncode == 1 and "over catalog.max_size" in result.stderr
 
 
+def test_a_file_whose_size_is_unknown_beforehand_is_cut_at_max_size(tmp_path: Path) -> None:
+    """A regular file may say 0 bytes and hold more (/proc files; a file that grows while it is
+    read): refused once max_size is read, and the message names the setting to raise."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.symlink_to("/proc/self/maps")  # regular, st_size 0, several KB when read
+    config = tmp_path / "config.yaml"
+    config.write_text(f"catalog: {{file: {catalog}, max_size: 100}}\n")
+    result = check("--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{catalog}:0: (file): over catalog.max_size (100 bytes) once read (it grew, or its "
+        "size is not known beforehand): refused (raise catalog.max_size with the memory "
+        "limit)"]
+
+
 def test_a_slow_parse_is_abandoned(served) -> None:
     server, catalog = served(config={"catalog": {"max_parse_time": "0.2s"}})
     replace(catalog, big_yaml(10000))  # ~0.8 MB: about a second to parse here

@@ -127,8 +127,9 @@ def read_file(path: Path, max_size: int | None = None) -> bytes:
             chunks.append(chunk)
             left -= len(chunk)
         if left <= 0:  # grew past the cap while being read
-            raise ConfigError([f"{path}:0: (file): over catalog.max_size ({max_size} bytes): "
-                               "refused"])
+            raise ConfigError([f"{path}:0: (file): over catalog.max_size ({max_size} bytes) "
+                               "once read (it grew, or its size is not known beforehand): "
+                               "refused (raise catalog.max_size with the memory limit)"])
         return b"".join(chunks)
     except OSError as exc:
         raise ReadFailed(path, exc) from None
