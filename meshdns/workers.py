@@ -266,7 +266,7 @@ class Supervisor:
         self.last_good, self._saved = target, snapshot
 
     def _hup(self, server: DnsServer) -> None:
-        asyncio.ensure_future(server.hangup())
+        server._keep(asyncio.ensure_future(server.hangup()))  # held until done
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGHUP)
