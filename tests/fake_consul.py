@@ -152,6 +152,12 @@ class Check:
     alias_service: str = ""  # an alias check mirrors this service (on the same node)
 
 
+class _RawJSON(str):
+    """A body already serialised (``/v1/health/state`` joins cached per-check fragments): sent
+    as is, so a change to one check re-encodes one check, not the whole body (real Consul is
+    Go; the fake's Python encoding of ~1 MB per scope per change starved the bench)."""
+
+
 class _Indexed(dict):  # type: ignore[type-arg]
     """A dict of (partition, peer, node, id) -> object that also keeps them by node (and, for
     services, by name), so a 100,000-service fake answers per-service reads in O(instances)."""
@@ -886,6 +892,21 @@ class ConsulState:
         out.update(CreateIndex=s.create_index, ModifyIndex=s.modify_index)
         return out
 
+    def check_fragment(self, c: Check, tags: Iterable[str]) -> str:
+        """``check_json`` serialised, cached by everything it is made of (a check whose
+        fields or service tags change gets a new entry; the cache is trimmed when large)."""
+        tags = tuple(tags)
+        key = (c.node, c.check_id, c.name, c.status, c.service_id, c.service_name, c.notes,
+               c.output, c.type, c.namespace, c.partition, c.peer, c.create_index,
+               c.modify_index, tags, self.enterprise)
+        cache = self.__dict__.setdefault("_fragments", {})
+        text = cache.get(key)
+        if text is None:
+            if len(cache) > 500_000:  # old check states: bounded memory
+                cache.clear()
+            text = cache[key] = json.dumps(self.check_json(c, list(tags)))
+        return text
+
     def check_json(self, c: Check, tags: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "Node": c.node, "CheckID": c.check_id, "Name": c.name, "Status": c.status,
@@ -1195,11 +1216,11 @@ class Api:
             status, body, headers = await self._route(request)
         except ApiError as e:
             return self._error(e.status, e.message)
+        text = body if isinstance(body, _RawJSON) else json.dumps(body)
         if fault is not None and fault.kind == "malformed":
-            text = json.dumps(body)
             body_bytes = (text[: max(1, len(text) // 2)] + '{"' ).encode()
         else:
-            body_bytes = json.dumps(body).encode()
+            body_bytes = text.encode()
         headers["X-Consul-Default-ACL-Policy"] = self.state.default_policy
         return web.Response(status=status, body=body_bytes, headers=headers,
                             content_type="application/json")
@@ -1353,7 +1374,8 @@ class Api:
                     filtered = True
                     continue
                 svc = d.services.get((c_ap, c_peer, node, c.service_id))
-                body.append(st.check_json(c, list(svc.tags) if svc else []))
+                body.append(st.check_fragment(c, svc.tags if svc else ()))
+            body = _RawJSON("[" + ",".join(body) + "]")
         elif path == "/v1/partitions":
             if not st.enterprise:
                 raise ApiError(404, "")
