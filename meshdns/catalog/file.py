@@ -499,7 +499,13 @@ class FileSource:
         if self.snapshot is not None:
             publish(self.snapshot, EVERYTHING)
         else:
-            await self.reload("start")
+            try:
+                await self.reload("start")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # as below: a bug here must not end the watching
+                log.exception("catalog watcher: unexpected error on the first read (still "
+                              "watching)")
         try:
             while True:
                 await asyncio.sleep(self.config.catalog.poll_interval)
