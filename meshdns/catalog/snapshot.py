@@ -166,6 +166,13 @@ def _set_like(items: list[Instance], old: InstanceSet | None) -> InstanceSet:
     return _set(items)
 
 
+def _counts(nodes: int, instances: int, services: int, vips: int,
+            queries: int) -> dict[str, int]:
+    """A snapshot's ``counts``, the same keys whichever way it was built."""
+    return {"nodes": nodes, "instances": instances, "services": services,
+            "virtual_ips": vips, "prepared_queries": queries}
+
+
 def build_snapshot(
     catalog: Catalog,
     *,
@@ -389,13 +396,7 @@ def build_snapshot(
         generation=generation,
         serial=serial,
         loaded_at=now,
-        counts={
-            "nodes": len(nodes),
-            "instances": instance_count,
-            "services": len(groups),
-            "virtual_ips": len(vips),
-            "prepared_queries": len(queries),
-        },
+        counts=_counts(len(nodes), instance_count, len(groups), len(vips), len(queries)),
     )
     # Free the build's scaffolding piece by piece (see dismantle): dropped at once, a
     # 300,000-entry set and dict would stall a serving event loop for ~100 ms. With no loop
@@ -420,8 +421,7 @@ def empty_snapshot(local_datacenter: str) -> Snapshot:
         datacenters=frozenset({dc}), peers=frozenset(), partitions=frozenset({"default"}),
         failover={}, sameness_groups={}, default_sameness={}, prepared_queries={}, rtt={},
         ptr={}, generation=0, serial=0, loaded_at=0.0,
-        counts={"nodes": 0, "instances": 0, "services": 0, "virtual_ips": 0,
-                "prepared_queries": 0},
+        counts=_counts(0, 0, 0, 0, 0),
     )
 
 
@@ -668,13 +668,7 @@ def apply_update(snap: Snapshot, update: Update) -> Applied:
         generation=snap.generation + 1,
         serial=max(int(now), snap.serial + 1),
         loaded_at=now,
-        counts={
-            "nodes": len(nodes),
-            "instances": instances,
-            "services": len(services),
-            "virtual_ips": len(vips),
-            "prepared_queries": len(queries),
-        },
+        counts=_counts(len(nodes), instances, len(services), len(vips), len(queries)),
         registered=registered,
     )
     object.__setattr__(snap, "shared_onward", True)  # see dismantle
