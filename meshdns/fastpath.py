@@ -104,7 +104,7 @@ def plain_service_question(data: bytes, suffix: bytes) -> PlainQuestion | None:
             return None
         return PlainQuestion(name, qtype, flags, data[12:qend], -1, False)
     # one OPT owned by the root, version 0, no options: 11 bytes
-    if size != qend + 11 or data[qend:qend + 3] != b"\x00\x00\x29" or data[qend + 6] \
+    if size != qend + 11 or data[qend:qend + 3] != _OPT_HEAD or data[qend + 6] \
             or data[qend + 9:qend + 11] != b"\x00\x00":
         return None
     return PlainQuestion(name, qtype, flags, data[12:qend], data[qend + 3] << 8 | data[qend + 4],

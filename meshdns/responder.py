@@ -214,8 +214,7 @@ class Responder:
         count = len(answer.answers)
         # a random rotation: cheap (random.sample alone costs a fifth of a miss), and every
         # record gets its turn first; the full shuffle comes with the other orders
-        turn = int(self._random.random() * count)
-        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        order = self._rotation(count)
         reply = self._render(question, answer, tcp, [order])[0]
         if reply[2] & 0x02:
             metrics.truncated += 1
@@ -229,13 +228,17 @@ class Responder:
             self.nxdomains.seen(question.name, cache.entries, key)
         return data[:2] + reply[2:]
 
+    def _rotation(self, count: int) -> list[int] | None:
+        """A random rotation of ``count`` answers (None: keep the order of one or none)."""
+        turn = int(self._random.random() * count)
+        return list(range(turn, count)) + list(range(turn)) if count > 1 else None
+
     def _respond_with_addresses(self, question: Question, addresses: list[bytes], data: bytes,
                                 tcp: bool, cache: ResponseCache, key: bytes) -> bytes:
         """The fast path's reply (fastpath.py): what the general path would send, written
         directly. Its other answer orders come from the general path on a second ask."""
         count = len(addresses)
-        turn = int(self._random.random() * count)
-        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        order = self._rotation(count)
         limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
                             self.config.dns.enable_truncate, self.max_udp_size)
         flags = reply_flags(question.flags, NOERROR, True, self.recursion)
@@ -260,8 +263,7 @@ class Responder:
         if addresses is None:
             return None
         count = len(addresses)
-        turn = int(self._random.random() * count)
-        order = list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        order = self._rotation(count)
         dns = self.config.dns
         if tcp:  # wire.limits_for, for a plain question
             opt = plain_opt(plain.edns_size, plain.do) if plain.edns_size >= 0 else b""
