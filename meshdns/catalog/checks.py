@@ -59,12 +59,8 @@ def dangling_references(catalog: Catalog, snapshot: Snapshot,
             problems.append((("sameness_groups", i, "partition"),
                              known.missing("partition", g.partition)))
         for j, m in enumerate(g.members):
-            if m.partition is not None and m.partition.lower() not in snapshot.partitions:
-                problems.append((("sameness_groups", i, "members", j, "partition"),
-                                 known.missing("partition", m.partition)))
-            if m.peer is not None and m.peer.lower() not in snapshot.peers:
-                problems.append((("sameness_groups", i, "members", j, "peer"),
-                                 known.missing("peer", m.peer)))
+            problems += known.unknown(("sameness_groups", i, "members", j), m,
+                                      ("partition", "peer"))
 
     for i, q in enumerate(catalog.prepared_queries):
         if q.service.lower() not in known.names:
@@ -123,12 +119,19 @@ class _Known:
     def targets(self, base: tuple[str | int, ...], targets: Sequence[Target]) -> list[Problem]:
         out: list[Problem] = []
         for j, t in enumerate(targets):
-            for field, pool in (("peer", self.snapshot.peers),
-                                ("datacenter", self.snapshot.datacenters),
-                                ("partition", self.snapshot.partitions)):
-                value = getattr(t, field)
-                if value is not None and value.lower() not in pool:
-                    out.append(((*base, j, field), self.missing(field, value)))
+            out += self.unknown((*base, j), t, ("peer", "datacenter", "partition"))
+        return out
+
+    def unknown(self, base: tuple[str | int, ...], item: Any,
+                fields: Sequence[str]) -> list[Problem]:
+        """``item``'s ``fields`` (peer, datacenter, partition) that name nothing known."""
+        pools = {"peer": self.snapshot.peers, "datacenter": self.snapshot.datacenters,
+                 "partition": self.snapshot.partitions}
+        out: list[Problem] = []
+        for field in fields:
+            value = getattr(item, field)
+            if value is not None and value.lower() not in pools[field]:
+                out.append(((*base, field), self.missing(field, value)))
         return out
 
 
