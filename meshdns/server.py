@@ -291,6 +291,28 @@ class TcpProtocol(asyncio.Protocol):
             self.transport.write(struct.pack("!H", len(reply)) + reply)
 
 
+def bind_tcp_udp(host: str, port: int,
+                 reuse_port: bool = False) -> tuple[socket.socket, socket.socket]:
+    """A TCP and a UDP socket bound to the same address. TCP first, with SO_REUSEADDR (so
+    connections in TIME_WAIT do not count): with port 0 the kernel picks a port, and UDP then
+    takes the same one. On failure both are closed and the ``OSError`` is raised."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        tcp.bind((host, port))
+        udp.bind((host, tcp.getsockname()[1]))
+    except OSError:
+        tcp.close()
+        udp.close()
+        raise
+    return tcp, udp
+
+
 class DnsServer:
     """Listeners on every configured address, a responder, and the snapshots a source
     publishes. Until the first one arrives the responder holds an empty snapshot and answers
@@ -345,24 +367,12 @@ class DnsServer:
         self.fd_room = tcp_fd_room(self.config)
         self.tcp_limit = tcp_connection_limit(self.config, self.fd_room)
         for host, port in self.config.listen_addresses():
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            # TCP first: with port 0 the kernel picks a port, and UDP then takes the same one
-            tcp_sock = socket.socket(family, socket.SOCK_STREAM)
-            tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            udp_sock = socket.socket(family, socket.SOCK_DGRAM)
-            if reuse_port:
-                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
-                tcp_sock.bind((host, port))
-                port = tcp_sock.getsockname()[1]
-                udp_sock.bind((host, port))
+                tcp_sock, udp_sock = bind_tcp_udp(host, port, reuse_port)
             except OSError as exc:
-                tcp_sock.close()
-                udp_sock.close()
                 msg = f"cannot listen on {host}:{port}: {exc.strerror}"
                 raise OSError(exc.errno, msg) from None
+            port = tcp_sock.getsockname()[1]
             udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             tcp_sock.listen(512)
             tcp_sock.setblocking(False)

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from .catalog.file import FileSource, file_signature
 from .catalog.snapshot import Snapshot
 from .catalog.source import CatalogSource
 from .config import Config
-from .server import DnsServer, install_uvloop, run
+from .server import DnsServer, bind_tcp_udp, install_uvloop, run
 
 log = logging.getLogger("meshdns")
 
@@ -103,24 +102,20 @@ def claim_ports(config: Config) -> Config:
     workers' SO_REUSEPORT sockets. Raises ``OSError`` naming the address otherwise."""
     listen = []
     for host, port in config.listen_addresses():
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(20):  # port 0: a port free for TCP may be taken for UDP; pick again
-            with socket.socket(family, socket.SOCK_STREAM) as tcp, \
-                    socket.socket(family, socket.SOCK_DGRAM) as udp:
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    tcp.bind((host, port))
-                    concrete = tcp.getsockname()[1]
-                    udp.bind((host, concrete))
-                except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE and port == 0:
-                        continue
-                    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                    reason = exc.strerror or str(exc)
-                    if exc.errno == errno.EADDRINUSE:
-                        reason += (" (another process serves it: workers share a port only "
-                                   "with their own supervisor)")
-                    raise OSError(exc.errno, f"cannot listen on {shown}: {reason}") from None
+            try:
+                tcp, udp = bind_tcp_udp(host, port)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and port == 0:
+                    continue
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    reason += (" (another process serves it: workers share a port only "
+                               "with their own supervisor)")
+                raise OSError(exc.errno, f"cannot listen on {shown}: {reason}") from None
+            with tcp, udp:
+                concrete = tcp.getsockname()[1]
             break
         else:
             raise OSError(errno.EADDRINUSE, f"cannot listen on {host}:0: no free port")
