@@ -8,8 +8,9 @@ index rules, consistency headers, ACL behaviour and error bodies. Three layers:
   mutator is one raft write: the datacenter's raft index goes up by one and the tables and
   per-object watch keys it touched take that index, as Consul's state store does.
 - ``build_app``: the aiohttp application that renders the state as Consul's HTTP API (blocking
-  with ``index``/``wait``, ``stale``, ``dc``/``partition``/``ns``/``peer``, tokens) and applies
-  injected faults; it records every request.
+  with ``index``/``wait``, ``stale``, ``dc``/``partition``/``ns``/``peer``, tokens, and
+  ``filter`` expressions on ``/v1/health/state``, answering 400 to one it cannot compile, as
+  Consul does) and applies injected faults; it records every request.
 - ``FakeConsul``: runs the app in a background thread on a free loopback port and a unix
   socket; test code calls the state's mutators on it directly (they run on the server's loop).
   ``python tests/fake_consul.py`` runs the same server as a process, driven over
@@ -85,6 +86,257 @@ def parse_go_duration(text: str) -> float:
     if not text or "".join(n + u for n, u in parts) != text:
         raise ApiError(400, f"Invalid wait time: time: invalid duration \"{text}\"")
     return sum(float(n) * units[u] for n, u in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Filter expressions (``?filter=``), as Consul's docs define them (api-docs/features/filtering)
+# ----------------------------------------------------------------------------------------------
+#
+# The grammar of HashiCorp's go-bexpr, which Consul evaluates on the server:
+#
+#   expression := and-expression ("or" and-expression)*
+#   and-expression := unary ("and" unary)*
+#   unary      := "not" unary | "(" expression ")" | match
+#   match      := selector ("==" | "!=") value
+#               | selector "is" ["not"] "empty"
+#               | value ["not"] "in" selector
+#               | selector ["not"] ("contains" | "matches") value
+#   selector   := name ("." name | "[" string "]")*   name: [A-Za-z][A-Za-z0-9_]*
+#   value      := "double-quoted" | `raw` | number | a bare name
+#
+# Each endpoint lists the selectors it accepts and the operations on each; an expression that
+# does not parse, names another selector or uses another operation is answered 400 with
+# "Failed to create boolean expression evaluator: ...", before the query blocks.
+
+_FILTER_TOKEN = re.compile(r'\s*(?:(==|!=|\(|\)|\[|\]|\.)|("(?:[^"\\]|\\.)*")|(`[^`]*`)'
+                           r'|(-?\d+(?:\.\d+)?)|([A-Za-z][A-Za-z0-9_]*))')
+_KEYWORDS = {"and", "or", "not", "in", "is", "empty", "contains", "matches"}
+#: the operations of a string selector and of a list selector (the docs' tables)
+STRING_OPS = frozenset({"==", "!=", "in", "not in", "matches", "not matches"})
+LIST_OPS = frozenset({"in", "not in", "is empty", "is not empty"})
+
+
+@dataclass(frozen=True)
+class FilterField:
+    """A selector of an endpoint: how to read it from a record, and what it supports."""
+
+    get: Callable[[Any], Any]
+    ops: frozenset[str]
+
+
+def _filter_error(detail: str) -> ApiError:
+    return ApiError(400, f"Failed to create boolean expression evaluator: {detail}")
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """(kind, text) tokens: op, str (decoded), num, word."""
+    out: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        if not text[pos:].strip():
+            break
+        m = _FILTER_TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise _filter_error(f"1:{pos + 1}: unexpected {text[pos:pos + 10]!r}")
+        op, dq, raw, num, word = m.groups()
+        if op:
+            out.append(("op", op))
+        elif dq is not None:
+            try:
+                out.append(("str", json.loads(dq)))
+            except ValueError:
+                raise _filter_error(f"1:{pos + 1}: invalid string {dq}") from None
+        elif raw is not None:
+            out.append(("str", raw[1:-1]))
+        elif num is not None:
+            out.append(("num", num))
+        else:
+            out.append(("word", word))
+        pos = m.end()
+    return out
+
+
+class _FilterParser:
+    def __init__(self, text: str, fields: dict[str, FilterField]) -> None:
+        self.toks = _tokens(text)
+        self.i = 0
+        self.fields = fields
+
+    def peek(self, k: int = 0) -> tuple[str, str] | None:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else None
+
+    def word(self, *words: str, k: int = 0) -> bool:
+        tok = self.peek(k)
+        return tok is not None and tok[0] == "word" and tok[1] in words
+
+    def take(self) -> tuple[str, str]:
+        tok = self.peek()
+        if tok is None:
+            raise _filter_error("unexpected end of the expression")
+        self.i += 1
+        return tok
+
+    def expect_op(self, op: str) -> None:
+        tok = self.take()
+        if tok != ("op", op):
+            raise _filter_error(f"expected {op!r}, found {tok[1]!r}")
+
+    def parse(self) -> Callable[[Any], bool]:
+        if not self.toks:
+            raise _filter_error("empty expression")
+        pred = self.expression()
+        if self.peek() is not None:
+            raise _filter_error(f"unexpected {self.peek()[1]!r}")  # type: ignore[index]
+        return pred
+
+    def expression(self) -> Callable[[Any], bool]:
+        parts = [self.and_expression()]
+        while self.word("or"):
+            self.i += 1
+            parts.append(self.and_expression())
+        return parts[0] if len(parts) == 1 else (lambda r: any(p(r) for p in parts))
+
+    def and_expression(self) -> Callable[[Any], bool]:
+        parts = [self.unary()]
+        while self.word("and"):
+            self.i += 1
+            parts.append(self.unary())
+        return parts[0] if len(parts) == 1 else (lambda r: all(p(r) for p in parts))
+
+    def unary(self) -> Callable[[Any], bool]:
+        if self.word("not") and not self.word("in", k=1):
+            self.i += 1
+            inner = self.unary()
+            return lambda r: not inner(r)
+        if self.peek() == ("op", "("):
+            self.i += 1
+            inner = self.expression()
+            self.expect_op(")")
+            return inner
+        return self.match()
+
+    def selector(self) -> str:
+        kind, text = self.take()
+        if kind != "word" or text in _KEYWORDS:
+            raise _filter_error(f"expected a selector, found {text!r}")
+        parts = [text]
+        while self.peek() in (("op", "."), ("op", "[")):
+            if self.take() == ("op", "."):
+                kind, text = self.take()
+                if kind != "word":
+                    raise _filter_error(f"expected a name after '.', found {text!r}")
+            else:
+                kind, text = self.take()
+                if kind != "str":
+                    raise _filter_error("expected a quoted map key inside [ ]")
+                self.expect_op("]")
+            parts.append(text)
+        return ".".join(parts)
+
+    def value(self) -> str:
+        kind, text = self.take()
+        if kind == "op" or (kind == "word" and text in _KEYWORDS):
+            raise _filter_error(f"expected a value, found {text!r}")
+        if kind == "word":  # a bare value may be written like a selector
+            self.i -= 1
+            return self.selector()
+        return text
+
+    def field(self, name: str, op: str) -> FilterField:
+        found = self.fields.get(name)
+        if found is None:
+            raise _filter_error(f'Selector "{name}" is not valid')
+        if op not in found.ops:
+            raise _filter_error(f'Invalid match operator "{op}" for selector "{name}"')
+        return found
+
+    def match(self) -> Callable[[Any], bool]:
+        first = self.peek()
+        value_first = first is not None and (first[0] in ("str", "num") or (
+            self.word("in", k=1) or (self.word("not", k=1) and self.word("in", k=2))))
+        if value_first:
+            value = self.value()
+            negate = self.word("not")
+            if negate:
+                self.i += 1
+            if not self.word("in"):
+                raise _filter_error(f"expected 'in' after the value {value!r}")
+            self.i += 1
+            name = self.selector()
+            return self._contains(name, value, negate, "not in" if negate else "in")
+        name = self.selector()
+        tok = self.take()
+        if tok in (("op", "=="), ("op", "!=")):
+            get = self.field(name, tok[1]).get
+            value = self.value()
+            if tok[1] == "==":
+                return lambda r: str(get(r)) == value
+            return lambda r: str(get(r)) != value
+        if tok == ("word", "is"):
+            negate = self.word("not")
+            if negate:
+                self.i += 1
+            if self.take() != ("word", "empty"):
+                raise _filter_error("expected 'empty' after 'is'")
+            get = self.field(name, "is not empty" if negate else "is empty").get
+            return (lambda r: bool(get(r))) if negate else (lambda r: not get(r))
+        negate = tok == ("word", "not")
+        if negate:
+            tok = self.take()
+        if tok == ("word", "contains"):
+            return self._contains(name, self.value(), negate, "not in" if negate else "in")
+        if tok == ("word", "matches"):
+            get = self.field(name, "not matches" if negate else "matches").get
+            pattern = self.value()
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise _filter_error(f"invalid regular expression {pattern!r}: {e}") from None
+            if negate:
+                return lambda r: regex.search(str(get(r))) is None
+            return lambda r: regex.search(str(get(r))) is not None
+        raise _filter_error(f"expected a match operator after {name}, found {tok[1]!r}")
+
+    def _contains(self, name: str, value: str, negate: bool, op: str
+                  ) -> Callable[[Any], bool]:
+        """``in``/``contains``: membership of a list, substring of a string."""
+        get = self.field(name, op).get
+
+        def contains(r: Any) -> bool:
+            got = get(r)
+            return (value in got) if isinstance(got, str) else (value in [str(x) for x in got])
+        return (lambda r: not contains(r)) if negate else contains
+
+
+_FILTERS: dict[tuple[str, int], Callable[[Any], bool]] = {}
+
+
+def compile_filter(text: str, fields: dict[str, FilterField]) -> Callable[[Any], bool]:
+    """A predicate for ``?filter=text`` over an endpoint's records; ApiError 400 if it does
+    not parse or uses what the endpoint does not support. Compiled once per expression."""
+    key = (text, id(fields))
+    pred = _FILTERS.get(key)
+    if pred is None:
+        if len(_FILTERS) > 1000:
+            _FILTERS.clear()
+        pred = _FILTERS[key] = _FilterParser(text, fields).parse()
+    return pred
+
+
+def _check_field(attr: str) -> FilterField:
+    return FilterField(lambda r: getattr(r[0], attr), STRING_OPS)
+
+
+#: ``/v1/health/state/:state`` (and ``/health/node``, ``/health/checks``): a record is
+#: (Check, its service's tags); the selectors of Consul's docs, nothing else
+CHECK_FILTER_FIELDS: dict[str, FilterField] = {
+    "CheckID": _check_field("check_id"), "Name": _check_field("name"),
+    "Node": _check_field("node"), "Notes": _check_field("notes"),
+    "Output": _check_field("output"), "ServiceID": _check_field("service_id"),
+    "ServiceName": _check_field("service_name"), "Status": _check_field("status"),
+    "ServiceTags": FilterField(lambda r: r[1], LIST_OPS),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1376,6 +1628,8 @@ class Api:
                 body = {"Node": st.node_json(d, node), "Services": services}
         elif m := re.fullmatch(r"/v1/health/state/(any|passing|warning|critical)", path):
             want = m.group(1)
+            # an expression that does not compile is answered at once, before blocking
+            keep = compile_filter(q["filter"], CHECK_FILTER_FIELDS) if "filter" in q else None
             index = await self._block(request, d, lambda: d.table("checks"))
             body = []
             for (c_ap, c_peer, node, _), c in _scope_checks(d, ap, peer):
@@ -1383,14 +1637,20 @@ class Api:
                     continue
                 if c.service_id and ns not in ("*", c.namespace):
                     continue
+                # ACLs first, then the filter (as Consul's Health.ChecksInState): the
+                # filtered-by-ACLs header does not depend on the expression
                 ok = authz.allows("node", node, partition=ap) and (
                     not c.service_id or authz.allows("service", c.service_name, partition=ap,
                                                      namespace=c.namespace))
                 if not ok:
                     filtered = True
                     continue
-                svc = d.services.get((c_ap, c_peer, node, c.service_id))
-                body.append(st.check_fragment(c, svc.tags if svc else ()))
+                svc = d.services.get((c_ap, c_peer, node, c.service_id)) \
+                    if c.service_id else None
+                tags = svc.tags if svc else ()
+                if keep is not None and not keep((c, tags)):
+                    continue
+                body.append(st.check_fragment(c, tags))
             body = _RawJSON("[" + ",".join(body) + "]")
         elif path == "/v1/partitions":
             if not st.enterprise:

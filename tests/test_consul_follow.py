@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
@@ -22,6 +24,7 @@ from consul_e2e import (
     fake_fixture,  # noqa: F401 - the `fake` fixture
     metric,
     rdata,
+    ready,
     start_meshdns,
     wait_until,
 )
@@ -455,3 +458,104 @@ def test_check_in_consul_mode_prints_what_the_token_sees(tmp_path: Path, fake: F
     done = subprocess.run([sys.executable, "-m", "meshdns", "check", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+
+
+# -- the health watch follows only the checks that are not passing ------------------------------
+
+NOT_PASSING = 'Status != "passing"'
+
+
+def health_state_requests(fake: FakeConsul) -> list[dict]:
+    return [r for r in fake.requests() if r["path"].startswith("/v1/health/state/")]
+
+
+def test_health_watch_follows_only_the_checks_not_passing(start_server,
+                                                          fake: FakeConsul) -> None:
+    """Each scope's health watch asks Consul for the checks that are not passing; a check
+    that goes back to passing leaves that set, and that is seen too."""
+    server = start_meshdns(start_server, fake.url)
+    fake.set_service_health("web-1", "n1", "critical")
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.2"]))
+    fake.set_service_health("web-1", "n1", "passing")  # critical -> passing: leaves the set
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1", "10.0.1.2"]))
+    # A node check entering and leaving the set changes every service on that node.
+    fake.set_check("n2", "disk", "critical", name="Disk")
+    converges(server, "api.service.consul", (NXDOMAIN, []))
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1"]))
+    fake.set_check("n2", "disk", "passing")
+    converges(server, "api.service.consul", (NOERROR, ["10.0.0.2"]))
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.1", "10.0.1.2"]))
+    state = health_state_requests(fake)
+    assert state and all(r["path"] == "/v1/health/state/any" and
+                         dict(r["query"]).get("filter") == NOT_PASSING for r in state)
+    assert all(r["status"] == 200 for r in state)
+
+
+def test_federated_and_peer_scopes_follow_the_same_filtered_checks(start_server,
+                                                                    fake: FakeConsul) -> None:
+    fake.add_datacenter("dc2")
+    fake.register_node("m1", "10.2.0.1", dc="dc2")
+    fake.register_service("web", "m1", id="web-dc2", dc="dc2", port=80)
+    _peer_with_web(fake)
+    server = start_meshdns(start_server, fake.url, datacenters=["dc2"], peers=["cluster-02"])
+    converges(server, "web.service.dc2.consul", (NOERROR, ["10.2.0.1"]))
+    converges(server, "web.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+    fake.set_node_health("m1", "critical", dc="dc2")
+    converges(server, "web.service.dc2.consul", (NXDOMAIN, []))
+    fake.set_node_health("m1", "passing", dc="dc2")
+    converges(server, "web.service.dc2.consul", (NOERROR, ["10.2.0.1"]))
+    fake.set_service_health("web-c", "c02-n1", "critical", peer="cluster-02")
+    converges(server, "web.service.cluster-02.peer.consul", (NXDOMAIN, []))
+    fake.set_service_health("web-c", "c02-n1", "passing", peer="cluster-02")
+    converges(server, "web.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+    scopes = {(q.get("dc", ""), q.get("peer", "")) for q in
+              (dict(r["query"]) for r in health_state_requests(fake))
+              if q.get("filter") == NOT_PASSING}
+    assert {("", ""), ("dc2", ""), ("", "cluster-02")} <= scopes
+
+
+def test_checks_are_read_before_the_services_first_fetch(start_server,
+                                                         fake: FakeConsul) -> None:
+    """The first read of a scope's checks is the base later ones are compared with, so it
+    must come before the services are first fetched: a check that changes in between would
+    otherwise be in the base already, and never seen. Here the first checks read is held
+    while web-1 turns critical."""
+    fake.add_fault(r"^/v1/health/state/", "delay", delay=2.0, times=1)
+    server = start_meshdns(start_server, fake.url, wait_ready=False)
+    assert wait_until(lambda: bool(health_state_requests(fake)), 15)
+    time.sleep(0.5)  # what does not wait for the checks has been fetched by now
+    fake.set_service_health("web-1", "n1", "critical")
+    assert wait_until(lambda: ready(server) == 200, 30)
+    converges(server, "web.service.consul", (NOERROR, ["10.0.1.2"]))
+    first_state = min(r["start"] for r in health_state_requests(fake))
+    first_fetch = min(r["start"] for r in fake.requests()
+                      if r["path"].startswith("/v1/health/service/"))
+    assert first_fetch > first_state + 1.5
+
+
+def test_a_change_costs_what_is_unhealthy_not_the_catalog(start_server,
+                                                          fake: FakeConsul) -> None:
+    """Requests and bytes per check change, in the fake's own counters: a change wakes each
+    scope's health watch once, and its reply holds the checks not passing, not all of them."""
+    calls: list = [["register_node", [f"bulk-{n}", f"10.9.0.{n}"], {}] for n in range(30)]
+    calls += [["register_service", [f"bulk-{i}", f"bulk-{i % 30}"], {"port": 80}]
+              for i in range(300)]
+    fake.batch(calls)
+    server = start_meshdns(start_server, fake.url)
+    converges(server, "bulk-299.service.consul", (NOERROR, ["10.9.0.29"]))
+    with urllib.request.urlopen(fake.url + "/v1/health/state/any", timeout=10) as resp:
+        whole = len(resp.read())  # what one wake-up of the scope's watch used to carry
+    fake.reset_log()
+    changes = 10
+    for i in range(changes):
+        fake.set_service_health(f"bulk-{i}", f"bulk-{i % 30}", "critical")
+        converges(server, f"bulk-{i}.service.consul", (NXDOMAIN, []))
+    log = fake.requests()
+    state = [r for r in log if r["path"].startswith("/v1/health/state/")]
+    fetches = [r for r in log if r["path"].startswith("/v1/health/service/")]
+    assert len(fetches) >= changes  # each changed service was re-read
+    assert len(state) <= 2 * changes  # one wake-up per change (one scope), some slack
+    assert len(log) <= 5 * changes
+    # at most `changes` checks are not passing, so each reply is at most that many checks
+    assert sum(r["bytes"] for r in state) <= changes * whole / 20
+    assert sum(r["bytes"] for r in log) <= changes * whole / 10

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -158,6 +159,73 @@ def test_only_passing_and_warning(fake: FakeConsul) -> None:
         "web-2"]
     fake.add_prepared_query("strict", "web", only_passing=True)
     assert len(get(fake, "/v1/query/strict/execute")[2]["Nodes"]) == 1
+
+
+def _filtered(fake: FakeConsul, expression: str, state: str = "any", extra: str = ""
+              ) -> tuple[int, dict[str, str], Any]:
+    return get(fake, f"/v1/health/state/{state}?" + urlencode({"filter": expression}) + extra)
+
+
+def test_health_state_filter_follows_the_documented_grammar(fake: FakeConsul) -> None:
+    """``?filter=`` on /v1/health/state: go-bexpr's expressions over the documented
+    selectors (CheckID, Name, Node, Notes, Output, ServiceID, ServiceName, ServiceTags,
+    Status)."""
+    fake.set_service_health("web-1", "n1", "critical")
+    fake.set_service_health("db", "n2", "warning")
+    fake.set_node_health("n2", "critical")
+
+    def ids(expression: str) -> list[str]:
+        status, _, body = _filtered(fake, expression)
+        assert status == 200, body
+        return sorted(f"{c['Node']}/{c['CheckID']}" for c in body)
+
+    not_passing = ["n1/service:web-1", "n2/serfHealth", "n2/service:db"]
+    assert ids('Status != "passing"') == not_passing
+    assert ids("not Status == passing") == not_passing  # a bare value; `not`
+    assert ids('Status != "passing" and ServiceName == ""') == ["n2/serfHealth"]
+    assert ids('(Status == "warning" or Status == "critical") and Node == `n1`') == [
+        "n1/service:web-1"]
+    assert ids('"v1" in ServiceTags') == ["n1/service:web-1"]
+    assert ids('ServiceTags is empty and Status == "passing"') == [
+        "n1/serfHealth", "n2/service:web-2"]
+    assert ids('ServiceName contains "we" and "pass" not in Status') == ["n1/service:web-1"]
+    assert ids('CheckID matches "^serf" and Status != "passing"') == ["n2/serfHealth"]
+    # The path's state and the filter both apply.
+    status, _, body = _filtered(fake, 'ServiceName != ""', "critical")
+    assert status == 200 and [c["CheckID"] for c in body] == ["service:web-1"]
+
+
+@pytest.mark.parametrize("expression", [
+    "Status", 'Status ==', 'Status == "a" and', '(Status == "a"', 'Status === "a"', "",
+    'Bogus == "a"', 'Node.Meta == "a"', 'Status is empty', 'ServiceTags == "a"',
+    'Status matches "("', '"a" in',
+])
+def test_a_filter_the_fake_cannot_compile_is_400_at_once(fake: FakeConsul,
+                                                         expression: str) -> None:
+    """Consul answers 400 "Failed to create boolean expression evaluator" for an expression
+    that does not parse or names a selector or operation the endpoint lacks; a blocking
+    query with such a filter is answered before it would block."""
+    index = index_of(fake, "/v1/health/state/any")
+    t0 = time.monotonic()
+    status, _, body = _filtered(fake, expression, extra=f"&index={index}&wait=20s")
+    assert time.monotonic() - t0 < 10
+    assert status == 400
+    assert body.startswith("Failed to create boolean expression evaluator")
+
+
+def test_a_filtered_watch_wakes_on_every_check_write(fake: FakeConsul) -> None:
+    """The index is the checks table's: a write that leaves the filtered set as it was still
+    returns a blocked query (with the same body), as Consul's blocking queries do."""
+    status, headers, body = _filtered(fake, 'Status != "passing"')
+    assert status == 200 and body == []
+    index = int(headers["X-Consul-Index"])
+    thread, out = in_background(
+        fake, "/v1/health/state/any?" + urlencode({"filter": 'Status != "passing"'}) +
+        f"&index={index}&wait=20s")
+    fake.set_check("n1", "serfHealth", "passing", output="still fine")
+    thread.join(15)
+    status, headers, body = out["result"]
+    assert status == 200 and body == [] and int(headers["X-Consul-Index"]) > index
 
 
 # -- index rules --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 from ...config import Config
 from . import mapping
 from .client import ConsulClient, ConsulError, permission_for
-from .mapping import Malformed, Scope
+from .mapping import NOT_PASSING, Malformed, Scope
 
 
 class _Report:
@@ -121,14 +121,16 @@ async def check_consul(config: Config, out: Callable[[str], None] = print) -> in
             params = scope.params(local)
             names = await _read(client, report, "/v1/catalog/services", params,
                                 mapping.service_names, required=True, fallback=None)
-            checks = await _read(client, report, "/v1/health/state/any", params,
-                                 lambda b: b, required=True, fallback=None)
+            # the request the health watch makes, so a Consul that rejects it shows here
+            checks = await _read(client, report, "/v1/health/state/any",
+                                 {**params, "filter": NOT_PASSING}, lambda b: b,
+                                 required=True, fallback=None)
             if names is None:
                 continue
             total += len(names)
             line = f"  {scope.describe()}: {len(names)} services"
             if checks is not None:
-                line += f", {len(checks or [])} checks"
+                line += f", {len(checks or [])} checks not passing"
             if not scope.peer and scope.namespace == "default":
                 nodes = await _read(client, report, "/v1/catalog/nodes",
                                     Scope("", scope.datacenter, scope.partition,

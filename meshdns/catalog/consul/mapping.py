@@ -241,6 +241,10 @@ def service_names(doc: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+#: ``filter`` of a scope's ``/v1/health/state/any`` watch: the checks that make an instance less
+#: than healthy (Consul's filter language, evaluated by the server, so only those are sent).
+#: An instance's health is its worst check, so these say all of it.
+NOT_PASSING = 'Status != "passing"'
 _CHECK_START = b'{"Node":'
 CheckRow = tuple[str, str, str, str, str]  # node, check id, service id, status, service name
 
@@ -297,8 +301,10 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
 def changed_checks(old: bytes, new: bytes) -> tuple[list[CheckRow], list[CheckRow]]:
     """The checks that differ between two ``/v1/health/state/any`` bodies: (before, after).
 
-    A change to one check changes a few bytes of a body that is megabytes for 10,000
-    services; decoding it whole on every change would cost more than everything else a change
+    The health watch asks only for the checks not passing (``NOT_PASSING``), so its bodies
+    are the size of what is unhealthy; but a Consul that ignores ``filter`` sends
+    every check, megabytes for 10,000 services, and many failing checks make a large body
+    too. Decoding it whole on every change would cost more than everything else a change
     does. So only the objects around the bytes that differ are decoded: the bodies share a
     prefix and a suffix (Consul returns checks in a stable order), and each check object
     starts with ``{"Node":``. When that does not hold, both bodies are decoded whole."""
@@ -477,7 +483,7 @@ def query_result(doc: Any, local_dc: str) -> QueryResult:
 
 
 __all__ = [
-    "Malformed", "QueryResult", "Scope", "changed_checks", "datacenters",
+    "NOT_PASSING", "Malformed", "QueryResult", "Scope", "changed_checks", "datacenters",
     "instances",    "namespaces", "node_record", "nodes", "partitions", "peerings", "query_result",
     "resolver_failover", "sameness_groups", "service_names", "tagged_addresses",
 ]

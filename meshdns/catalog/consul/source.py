@@ -5,10 +5,15 @@ number of scopes and the fetch pool, never on N):
 
 - a *scope* is a datacenter (local or WAN-federated) x partition x namespace, or a cluster peer
   x partition x namespace. Per scope, two blocking watches say *which* services changed: the
-  service list (``/v1/catalog/services``: names added or removed, tags) and every check of the
-  scope (``/v1/health/state/any``: a service whose checks changed, or a node whose node checks
-  did, which changes every service on it). Per datacenter x partition, a blocking watch on
-  ``/v1/catalog/nodes`` follows ``.node`` names;
+  service list (``/v1/catalog/services``: names added or removed, tags) and the checks of the
+  scope that are not passing (``/v1/health/state/any`` with ``filter=Status != "passing"``: a
+  service whose checks entered or left that set, or changed status in it, or a node whose node
+  checks did, which changes every service on it). An instance's health is its worst check, so
+  the checks that are not passing say all of it; a check going back to passing leaves the set.
+  Following only those keeps each wake-up's body the size of what is unhealthy, not of the
+  catalog (every check write wakes every scope's watch: the index is the checks table's).
+  Per datacenter x partition, a blocking watch on ``/v1/catalog/nodes`` follows ``.node``
+  names;
 - a fixed pool of fetchers re-reads only the changed services (``/v1/health/service/<name>``)
   and the result replaces just their entries in the snapshot (``snapshot.apply_update``), so a
   change reaches DNS within one blocking return plus one fetch;
@@ -18,8 +23,12 @@ number of scopes and the fetch pool, never on N):
   that ``resolve.py`` already follows.
 
 A service list that wakes with a new index but the same body means a registration changed
-without its checks (an address, a port, a virtual IP): Consul does not say which, so the scope
-is re-read whole, at most once per ``RESCAN_INTERVAL``, through the same fetcher pool.
+without changing the set of checks that are not passing (an address, a port, a virtual IP, or
+an instance added or removed with only passing checks): Consul does not say which, so the
+scope is re-read whole, at most once per ``RESCAN_INTERVAL``, through the same fetcher pool
+(bodies identical to the applied ones are not decoded). Agents register a new check as
+critical unless it says otherwise, so a new instance usually enters the set, and its own
+services are re-read at once.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from ..snapshot import (
 from ..source import EVERYTHING, Change, Publish, SourceState
 from . import mapping
 from .client import ConsulClient, ConsulError, fetch_pool_size
-from .mapping import Malformed, Scope
+from .mapping import NOT_PASSING, Malformed, Scope
 from .queries import PreparedQueries
 from .watch import Backoff, Watch, WatchStats
 
@@ -409,7 +418,7 @@ class ConsulCatalogSource:
         assert self.client is not None
         sw = ScopeWatch(scope)
         params = scope.params(self.local_dc)
-        checks = self._watch("/v1/health/state/any", params,
+        checks = self._watch("/v1/health/state/any", {**params, "filter": NOT_PASSING},
                              lambda bodies: self._checks_changed(sw, *bodies), raw=True)
         names = self._watch("/v1/catalog/services", params,
                             lambda body: self._names_changed(sw, body),
@@ -461,8 +470,9 @@ class ConsulCatalogSource:
             self._schedule_flush()
 
     def _checks_changed(self, sw: ScopeWatch, old: bytes | None, new: bytes) -> None:
-        """The scope's checks changed (``old``: the last body, None at the first read): re-read
-        the services whose checks differ, and every service on a node whose node checks do."""
+        """The scope's checks that are not passing changed (``old``: the last body, None at
+        the first read): re-read the services whose checks differ (entered the set, left it,
+        or changed status), and every service on a node whose node checks do."""
         index = next((w.stats.index for w in sw.watches if w.endpoint.endswith("/any")), 0)
         sw.check_changes = (sw.check_changes + [index])[-64:]
         if old is None or sw.names is None:
