@@ -26,6 +26,12 @@
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
+# gcc builds the compiled UDP packet path (meshdns/_udpbatch.c; the image's Python has its
+# headers) into meshdns's wheel; without it the wheel would hold the pure-Python path alone.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 # meshdns and every dependency as wheels, so the runtime stage needs no compiler and no index.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

@@ -53,6 +53,7 @@ class Served(Protocol):
     pending_forwards: int
     draining: bool
     admin_port: int
+    packet_path: str  # which UDP packet path serves: compiled or pure Python (packets.py)
 
     @property
     def snapshot(self) -> Snapshot: ...
@@ -114,6 +115,7 @@ def make_app(server: Served) -> web.Application:
             **summary,
             "last_reload_error": server.state.last_error,
             "state": server.state.as_json(),
+            "packet_path": server.packet_path,
         })
 
     app = web.Application()

@@ -23,6 +23,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .offload import in_thread
+from .packets import CompiledUdp, compiled_module
 from .responder import REBUILD_AFTER, Execute, Forward, Responder
 from .wire import plain_reply, truncated_reply, udp_limit
 
@@ -73,6 +74,16 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def _answer(self, data: bytes, addr: tuple, started: float, miss: bytes | None = None) -> None:
         """Everything else: misses (``miss``: the cache key looked up in vain), first repeats,
         drops, errors, forwards; timed if started."""
+        reply = self.reply(data, addr, miss)
+        if reply is not None:
+            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+            if started:
+                self.server.metrics.observe(time.perf_counter() - started)
+
+    def reply(self, data: bytes, addr: tuple, miss: bytes | None = None) -> bytes | None:
+        """The reply to send now to a datagram that is not a plain cache hit; None when there
+        is none (dropped) or it comes later (a forward, a prepared query Consul executes: sent
+        through the transport then). The compiled packet path (packets.py) calls this too."""
         responder = self.server.responder
         try:
             if miss is None:
@@ -81,18 +92,14 @@ class UdpProtocol(asyncio.DatagramProtocol):
                 reply = responder.respond_uncached(data, False, miss)
         except Exception:  # never die on a packet
             log.exception("internal error answering a UDP query")
-            return
-        if reply is None:
-            return
+            return None
+        if reply is None or isinstance(reply, bytes):
+            return reply
         if isinstance(reply, Forward):
             self.server.start_forward(reply, False, self._send_later(reply, addr))
-            return
-        if isinstance(reply, Execute):
+        else:
             self.server.start_execute(reply, False, self._send_later(reply, addr))
-            return
-        self.transport.sendto(reply, addr)  # type: ignore[union-attr]
-        if started:
-            self.server.metrics.observe(time.perf_counter() - started)
+        return None
 
     def _send_later(self, item: Forward | Execute, addr: tuple) -> Callable[[bytes], None]:
         """Send a reply made later (a recursor's, or after Consul executed a prepared query),
@@ -328,7 +335,8 @@ class DnsServer:
         self.responder.serving = False  # no data yet
         # a source that executes prepared queries itself (Consul) answers them
         self.responder.prepared = getattr(source, "prepared", None)
-        self.transports: list[asyncio.BaseTransport] = []
+        self.transports: list[asyncio.BaseTransport] = []  # (or packets.CompiledUdp)
+        self.packet_path = ""  # the UDP packet path serving, once started (packets.py)
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: set[TcpProtocol] = set()
         self.tcp_clients: dict[str, int] = {}  # open connections by client address
@@ -366,6 +374,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         self.fd_room = tcp_fd_room(self.config)
         self.tcp_limit = tcp_connection_limit(self.config, self.fd_room)
+        compiled, self.packet_path = compiled_module()
         for host, port in self.config.listen_addresses():
             try:
                 tcp_sock, udp_sock = bind_tcp_udp(host, port, reuse_port)
@@ -377,9 +386,22 @@ class DnsServer:
             tcp_sock.listen(512)
             tcp_sock.setblocking(False)
             udp_sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpProtocol(self), sock=udp_sock)
-            self.transports.append(transport)
+            if compiled is not None:
+                protocol = UdpProtocol(self)
+                try:
+                    listener = CompiledUdp(compiled, udp_sock, self.responder.udp_cache.entries,
+                                           protocol.reply, self.metrics.observe, REBUILD_AFTER,
+                                           SAMPLE_EVERY)
+                except (AttributeError, TypeError, ValueError, OSError) as exc:
+                    # an extension out of step with cache.Cached, a socket it cannot serve
+                    compiled, self.packet_path = None, f"pure Python (the extension refused: {exc})"
+                else:
+                    protocol.transport = listener  # type: ignore[assignment]
+                    self.transports.append(listener)  # type: ignore[arg-type]
+            if compiled is None:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpProtocol(self), sock=udp_sock)
+                self.transports.append(transport)
             self.tcp_servers.append(await loop.create_server(lambda: TcpProtocol(self),
                                                              sock=tcp_sock))
             self.bound.append((host, port))
@@ -626,6 +648,7 @@ async def run(config: Config, source: CatalogSource,
         from .admin import start_admin
 
         admin_runner = await start_admin(server, config.admin.listen)
+    log.info("UDP packet path: %s", server.packet_path)
     for host, port in server.bound:
         shown = f"[{host}]" if ":" in host else host
         log.info("serving DNS on %s:%d (udp, tcp), pid %d", shown, port, os.getpid())

@@ -52,7 +52,7 @@ class MeshdnsProcess:
 
     def __init__(self, workdir: Path, catalog: Path | None = None,
                  config: dict | None = None, args: list[str] | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.catalog = catalog
         self.log_path = workdir / f"meshdns-{time.monotonic_ns()}.log"
@@ -67,8 +67,10 @@ class MeshdnsProcess:
             cmd += ["--catalog", str(catalog)]
         cmd += args or []
         self.log = open(self.log_path, "w+")  # noqa: SIM115 - closed in stop()
+        # env: set for this server (MESHDNS_PURE_PYTHON=1: the pure-Python packet path)
+        self.env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=workdir)
+                                     cwd=workdir, env=self.env)
         self.port = 0
         self.admin_port = 0
         deadline = time.monotonic() + 20
@@ -79,6 +81,7 @@ class MeshdnsProcess:
             if m:
                 self.port = int(m.group(1))
                 self.admin_port = int(a.group(1)) if a else 0
+                self.packet_path = check_packet_path(text, self.env)
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"meshdns exited {self.proc.returncode}:\n{text}")
@@ -147,6 +150,17 @@ class MeshdnsProcess:
         stop_process(self.proc, 10)
         self.log.close()
         return self.proc.returncode
+
+
+def check_packet_path(log: str, env: dict[str, str]) -> str:
+    """The UDP packet path a server logged it uses, checked against the one it must use: the
+    compiled one unless MESHDNS_PURE_PYTHON=1, so that no test run (CI's included) passes on
+    the fallback alone because the extension failed to build (tests/test_packet_path.py)."""
+    m = re.search(r'UDP packet path: (compiled|pure Python)[^"]*', log)
+    assert m, f"meshdns did not say which UDP packet path it uses:\n{log}"
+    expected = "pure Python" if env.get("MESHDNS_PURE_PYTHON") == "1" else "compiled"
+    assert m.group(1) == expected, f"expected the {expected} packet path: {m.group(0)}"
+    return m.group(0)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -1,0 +1,640 @@
+/* meshdns._udpbatch: the compiled UDP packet path (used by meshdns/packets.py).
+
+   One Reader per UDP socket. read() takes up to `batch` datagrams with one recvmmsg(2). Each
+   datagram whose cache entry is a plain hit is answered here exactly as
+   server.UdpProtocol.datagram_received answers it: the entry (a cache.Cached) must have
+   `pending is None` and `turn - start < rebuild_after`; its `turn` advances by one and the reply
+   is `replies[turn % len(replies)]` with the query's 2-byte ID in front. Every other datagram
+   (a miss, an entry Python must handle, every `sample_every`-th datagram) is handed to Python
+   as (data, address, kind), one at a time and in arrival order: the next datagram is looked at
+   only once Python has passed back its reply with next(reply), so the cache and the answer
+   orders change exactly as they would on the pure-Python path.
+
+   Replies (the hits' and Python's) are queued and leave together with one sendmmsg(2) when the
+   batch is done. A reply the kernel refuses for itself (EMSGSIZE, a route, a firewall) is
+   dropped and counted, as the pure path's error_received ignores it; when the socket's send
+   buffer is full (EAGAIN) the queue is kept, `blocked` turns true and the caller waits for the
+   socket to be writable and calls flush(): nothing already answered is lost, and no datagram
+   is read while replies wait. The file descriptor stays the caller's (a Python socket). */
+
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+#include <structmember.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* The largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6) fits whole: a datagram is
+   never cut here where the pure path would read it complete. Pages the kernel does not write
+   are never touched, so a slot costs a page of memory, not 64 KiB. */
+#define SLOT_BYTES 65536
+#define MAX_BATCH 1024 /* UIO_MAXIOV: the most messages one recvmmsg/sendmmsg takes */
+
+enum { KIND_MISS = 0, KIND_OTHER = 1, KIND_SAMPLED = 2 };
+
+typedef struct {
+    PyObject *reply; /* held until sent or dropped */
+    int with_id;     /* a cached reply: `id` goes in front of it */
+    unsigned char id[2];
+    socklen_t addrlen;
+    struct sockaddr_storage addr;
+} Outgoing;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int family;
+    int batch;
+    PyObject *entries;         /* the UDP cache's dict: query bytes after the ID -> Cached */
+    PyTypeObject *cached_type; /* cache.Cached; its slots are read at these offsets */
+    Py_ssize_t off_replies, off_turn, off_start, off_pending;
+    long long rebuild_after;
+    unsigned long long sample_every;
+    unsigned long long received; /* datagrams read, as UdpProtocol._n counts them */
+    unsigned long long hits;     /* answered here */
+    unsigned long long send_errors;
+    /* the batch read last */
+    unsigned char *buffers;
+    struct mmsghdr *in_msgs;
+    struct iovec *in_iov;
+    struct sockaddr_storage *in_addr;
+    int in_count, in_next;
+    int last; /* the datagram handed to Python whose reply is owed (-1: none) */
+    /* replies queued: [out_head, out_count) */
+    Outgoing *out;
+    struct mmsghdr *out_msgs;
+    struct iovec *out_iov;
+    int out_cap, out_head, out_count;
+    int blocked;
+} Reader;
+
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+
+static Py_ssize_t
+slot_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ attribute", type->tp_name,
+                     name);
+        Py_DECREF(descr);
+        return -1;
+    }
+    Py_ssize_t offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_DECREF(descr);
+    return offset;
+}
+
+static void
+release_queue(Reader *self, int upto)
+{
+    for (int i = self->out_head; i < upto; i++)
+        Py_CLEAR(self->out[i].reply);
+    self->out_head = upto;
+    if (self->out_head == self->out_count)
+        self->out_head = self->out_count = 0;
+}
+
+/* Send what is queued. 1: all sent (or dropped on errors of their own); 0: the socket's
+   buffer is full, the rest waits (`blocked`). */
+static int
+flush_queue(Reader *self)
+{
+    int head = self->out_head, count = self->out_count;
+    for (int i = head; i < count; i++) {
+        Outgoing *o = &self->out[i];
+        struct iovec *iov = &self->out_iov[2 * i];
+        struct msghdr *h = &self->out_msgs[i].msg_hdr;
+        int n = 0;
+        if (o->with_id) {
+            iov[n].iov_base = o->id;
+            iov[n++].iov_len = 2;
+        }
+        iov[n].iov_base = PyBytes_AS_STRING(o->reply);
+        iov[n++].iov_len = (size_t)PyBytes_GET_SIZE(o->reply);
+        memset(h, 0, sizeof(*h));
+        h->msg_name = &o->addr;
+        h->msg_namelen = o->addrlen;
+        h->msg_iov = iov;
+        h->msg_iovlen = (size_t)n;
+    }
+    while (self->out_head < self->out_count) {
+        int sent = sendmmsg(self->fd, &self->out_msgs[self->out_head],
+                            (unsigned int)(self->out_count - self->out_head), MSG_DONTWAIT);
+        if (sent > 0) {
+            release_queue(self, self->out_head + sent);
+            continue;
+        }
+        if (sent < 0 && errno == EINTR)
+            continue;
+        if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            self->blocked = 1;
+            return 0;
+        }
+        /* this one reply cannot go (EMSGSIZE, EPERM, ENOBUFS, an unreachable address...):
+           drop it, like the pure path's error_received, and send the others */
+        self->send_errors++;
+        release_queue(self, self->out_head + 1);
+    }
+    self->blocked = 0;
+    return 1;
+}
+
+/* Queue a reply to `addr`; with `id`, those two bytes go in front. -1 when the queue is full
+   (only while blocked: it holds two batches). */
+static int
+queue_reply(Reader *self, PyObject *reply, const unsigned char *id,
+            const struct sockaddr_storage *addr, socklen_t addrlen)
+{
+    if (self->out_count == self->out_cap && self->out_head > 0) {
+        int left = self->out_count - self->out_head;
+        memmove(self->out, self->out + self->out_head, (size_t)left * sizeof(Outgoing));
+        self->out_head = 0;
+        self->out_count = left;
+    }
+    if (self->out_count == self->out_cap)
+        return -1;
+    Outgoing *o = &self->out[self->out_count++];
+    Py_INCREF(reply);
+    o->reply = reply;
+    o->with_id = id != NULL;
+    if (id != NULL) {
+        o->id[0] = id[0];
+        o->id[1] = id[1];
+    }
+    o->addrlen = addrlen;
+    memcpy(&o->addr, addr, addrlen);
+    return 0;
+}
+
+static int
+queue_full(Reader *self)
+{
+    return self->out_count - self->out_head >= self->out_cap;
+}
+
+static PyObject *
+address_tuple(const struct sockaddr_storage *addr)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (addr->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)addr;
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (addr->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)addr;
+        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    }
+    Py_RETURN_NONE;
+}
+
+/* (host, port) or (host, port, flowinfo, scope_id), as address_tuple makes them. */
+static int
+parse_address(Reader *self, PyObject *tuple, struct sockaddr_storage *addr, socklen_t *len)
+{
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope_id = 0;
+    memset(addr, 0, sizeof(*addr));
+    if (self->family == AF_UNIX) {
+        PyErr_SetString(PyExc_ValueError, "send() takes an IP address: not a UDP socket");
+        return -1;
+    }
+    if (self->family == AF_INET6) {
+        if (!PyArg_ParseTuple(tuple, "si|II", &host, &port, &flowinfo, &scope_id))
+            return -1;
+    } else if (!PyArg_ParseTuple(tuple, "si", &host, &port)) {
+        return -1;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+    }
+    if (self->family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)addr;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        a->sin6_flowinfo = htonl(flowinfo);
+        a->sin6_scope_id = scope_id;
+        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+            goto bad;
+        *len = sizeof(*a);
+    } else {
+        struct sockaddr_in *a = (struct sockaddr_in *)addr;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
+            goto bad;
+        *len = sizeof(*a);
+    }
+    return 0;
+bad:
+    PyErr_Format(PyExc_ValueError, "not a numeric address: %s", host);
+    return -1;
+}
+
+static PyObject *
+hand_over(Reader *self, int i, int kind)
+{
+    PyObject *data = PyBytes_FromStringAndSize(
+        (const char *)self->buffers + (size_t)i * SLOT_BYTES, self->in_msgs[i].msg_len);
+    if (data == NULL)
+        return NULL;
+    PyObject *addr = address_tuple(&self->in_addr[i]);
+    if (addr == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    self->last = i;
+    return Py_BuildValue("(NNi)", data, addr, kind);
+}
+
+/* Answer datagram `i` from the cache if it is a plain hit: 1 answered, 0 not (*kind says
+   why), -1 error. */
+static int
+answer_hit(Reader *self, int i, int *kind)
+{
+    const unsigned char *data = self->buffers + (size_t)i * SLOT_BYTES;
+    Py_ssize_t size = self->in_msgs[i].msg_len;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)data + 2, size > 2 ? size - 2 : 0);
+    if (key == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(self->entries, key); /* borrowed */
+    Py_DECREF(key);
+    *kind = KIND_OTHER;
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        *kind = KIND_MISS;
+        return 0;
+    }
+    if (Py_TYPE(entry) != self->cached_type || size < 2)
+        return 0;
+    PyObject *pending = SLOT(entry, self->off_pending);
+    PyObject *turn_obj = SLOT(entry, self->off_turn);
+    PyObject *start_obj = SLOT(entry, self->off_start);
+    PyObject *replies = SLOT(entry, self->off_replies);
+    if (pending != Py_None || turn_obj == NULL || start_obj == NULL || replies == NULL
+        || !PyLong_CheckExact(turn_obj) || !PyLong_CheckExact(start_obj)
+        || !PyTuple_CheckExact(replies) || PyTuple_GET_SIZE(replies) == 0)
+        return 0;
+    int overflow_turn, overflow_start;
+    long long turn = PyLong_AsLongLongAndOverflow(turn_obj, &overflow_turn);
+    long long start = PyLong_AsLongLongAndOverflow(start_obj, &overflow_start);
+    long long age;
+    if (overflow_turn || overflow_start || turn < 0 || turn == LLONG_MAX
+        || __builtin_sub_overflow(turn, start, &age) || age >= self->rebuild_after)
+        return 0; /* (Python decides, and rebuilds the entry past rebuild_after) */
+    PyObject *reply = PyTuple_GET_ITEM(replies, turn % PyTuple_GET_SIZE(replies));
+    if (!PyBytes_CheckExact(reply))
+        return 0;
+    if (queue_full(self) && (flush_queue(self), queue_full(self)))
+        return 0; /* no room to queue it (blocked): Python's reply will be dropped, counted */
+    PyObject *next = PyLong_FromLongLong(turn + 1);
+    if (next == NULL)
+        return -1;
+    Py_SETREF(SLOT(entry, self->off_turn), next);
+    queue_reply(self, reply, data, &self->in_addr[i], self->in_msgs[i].msg_hdr.msg_namelen);
+    self->hits++;
+    return 1;
+}
+
+/* Serve the rest of the batch: the next datagram for Python, or None once the batch is done
+   and its replies are sent. */
+static PyObject *
+serve(Reader *self)
+{
+    while (self->in_next < self->in_count) {
+        int i = self->in_next++;
+        self->received++;
+        if (self->received % self->sample_every == 0)
+            return hand_over(self, i, KIND_SAMPLED);
+        int kind;
+        int answered = answer_hit(self, i, &kind);
+        if (answered < 0)
+            return NULL; /* (MemoryError: that datagram goes unanswered) */
+        if (!answered)
+            return hand_over(self, i, kind);
+    }
+    flush_queue(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Reader_read(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buffers == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the reader is closed");
+        return NULL;
+    }
+    self->last = -1; /* a datagram whose reply never came back (an exception): unanswered */
+    if (self->in_next < self->in_count)
+        return serve(self);
+    if (self->out_head < self->out_count && !flush_queue(self))
+        Py_RETURN_NONE; /* still blocked: read nothing more until the replies are out */
+    for (int i = 0; i < self->batch; i++) {
+        self->in_msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
+        self->in_msgs[i].msg_hdr.msg_flags = 0;
+    }
+    int got;
+    do {
+        got = recvmmsg(self->fd, self->in_msgs, (unsigned int)self->batch, MSG_DONTWAIT, NULL);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        switch (errno) {
+        case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+        case EWOULDBLOCK:
+#endif
+        /* errors queued on the socket (ICMP, with IP_RECVERR): reading clears them, and the
+           pure path's error_received ignores them too */
+        case ECONNREFUSED:
+        case EHOSTUNREACH:
+        case ENETUNREACH:
+        case EHOSTDOWN:
+        case ENETDOWN:
+        case EMSGSIZE:
+        case ENOBUFS:
+        case ENOMEM:
+            self->in_count = self->in_next = 0;
+            Py_RETURN_NONE;
+        default:
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    self->in_count = got;
+    self->in_next = 0;
+    return serve(self);
+}
+
+static PyObject *
+Reader_next(Reader *self, PyObject *reply)
+{
+    if (self->buffers == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the reader is closed");
+        return NULL;
+    }
+    if (reply != Py_None && !PyBytes_Check(reply)) {
+        PyErr_SetString(PyExc_TypeError, "a reply is bytes or None");
+        return NULL;
+    }
+    int last = self->last;
+    self->last = -1;
+    if (last >= 0 && reply != Py_None) {
+        if (queue_full(self))
+            flush_queue(self);
+        if (queue_reply(self, reply, NULL, &self->in_addr[last],
+                        self->in_msgs[last].msg_hdr.msg_namelen) < 0)
+            self->send_errors++; /* blocked, and two batches of replies wait already */
+    }
+    return serve(self);
+}
+
+static PyObject *
+Reader_send(Reader *self, PyObject *args)
+{
+    PyObject *reply, *address;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    if (self->buffers == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the reader is closed");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "SO!", &reply, &PyTuple_Type, &address))
+        return NULL;
+    if (parse_address(self, address, &addr, &addrlen) < 0)
+        return NULL;
+    if (queue_full(self))
+        flush_queue(self);
+    if (queue_reply(self, reply, NULL, &addr, addrlen) < 0) {
+        self->send_errors++;
+        Py_RETURN_FALSE;
+    }
+    if (!self->blocked)
+        flush_queue(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Reader_flush(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buffers == NULL || flush_queue(self))
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+static void
+reader_free(Reader *self)
+{
+    if (self->out != NULL)
+        release_queue(self, self->out_count);
+    PyMem_Free(self->buffers);
+    PyMem_Free(self->in_msgs);
+    PyMem_Free(self->in_iov);
+    PyMem_Free(self->in_addr);
+    PyMem_Free(self->out);
+    PyMem_Free(self->out_msgs);
+    PyMem_Free(self->out_iov);
+    self->buffers = NULL;
+    self->in_msgs = NULL;
+    self->in_iov = NULL;
+    self->in_addr = NULL;
+    self->out = NULL;
+    self->out_msgs = NULL;
+    self->out_iov = NULL;
+    self->in_count = self->in_next = 0;
+    self->last = -1;
+}
+
+static PyObject *
+Reader_close(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    reader_free(self);
+    Py_RETURN_NONE;
+}
+
+static int
+Reader_init(Reader *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd",           "entries", "cached_type", "rebuild_after",
+                             "sample_every", "batch",   NULL};
+    int fd, batch = 64;
+    PyObject *entries, *cached_type;
+    long long rebuild_after, sample_every;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!O!LL|i", kwlist, &fd, &PyDict_Type, &entries,
+                                     &PyType_Type, &cached_type, &rebuild_after, &sample_every,
+                                     &batch))
+        return -1;
+    if (batch < 1 || batch > MAX_BATCH || sample_every < 1) {
+        PyErr_SetString(PyExc_ValueError, "batch must be 1-1024 and sample_every at least 1");
+        return -1;
+    }
+    struct sockaddr_storage local;
+    socklen_t local_len = sizeof(local);
+    int type;
+    socklen_t type_len = sizeof(type);
+    if (getsockname(fd, (struct sockaddr *)&local, &local_len) < 0
+        || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    /* (a Unix datagram socket pair, too: the tests fill its peer's small queue to see EAGAIN,
+       which loopback UDP never returns) */
+    if (type != SOCK_DGRAM || (local.ss_family != AF_INET && local.ss_family != AF_INET6
+                               && local.ss_family != AF_UNIX)) {
+        PyErr_SetString(PyExc_ValueError, "not a datagram socket over IPv4, IPv6 or Unix");
+        return -1;
+    }
+    PyTypeObject *ctype = (PyTypeObject *)cached_type;
+    Py_ssize_t off_replies, off_turn, off_start, off_pending;
+    if ((off_replies = slot_offset(ctype, "replies")) < 0
+        || (off_turn = slot_offset(ctype, "turn")) < 0
+        || (off_start = slot_offset(ctype, "start")) < 0
+        || (off_pending = slot_offset(ctype, "pending")) < 0)
+        return -1;
+    reader_free(self);
+    self->fd = fd;
+    self->family = local.ss_family;
+    self->batch = batch;
+    Py_INCREF(entries);
+    Py_XSETREF(self->entries, entries);
+    Py_INCREF(cached_type);
+    Py_XSETREF(self->cached_type, ctype);
+    self->off_replies = off_replies;
+    self->off_turn = off_turn;
+    self->off_start = off_start;
+    self->off_pending = off_pending;
+    self->rebuild_after = rebuild_after;
+    self->sample_every = (unsigned long long)sample_every;
+    self->received = self->hits = self->send_errors = 0;
+    self->out_cap = 2 * batch; /* a batch's replies, and as many made later (forwards) */
+    self->buffers = PyMem_Malloc((size_t)batch * SLOT_BYTES);
+    self->in_msgs = PyMem_Calloc((size_t)batch, sizeof(struct mmsghdr));
+    self->in_iov = PyMem_Calloc((size_t)batch, sizeof(struct iovec));
+    self->in_addr = PyMem_Calloc((size_t)batch, sizeof(struct sockaddr_storage));
+    self->out = PyMem_Calloc((size_t)self->out_cap, sizeof(Outgoing));
+    self->out_msgs = PyMem_Calloc((size_t)self->out_cap, sizeof(struct mmsghdr));
+    self->out_iov = PyMem_Calloc((size_t)self->out_cap * 2, sizeof(struct iovec));
+    if (!self->buffers || !self->in_msgs || !self->in_iov || !self->in_addr || !self->out
+        || !self->out_msgs || !self->out_iov) {
+        reader_free(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < batch; i++) {
+        self->in_iov[i].iov_base = self->buffers + (size_t)i * SLOT_BYTES;
+        self->in_iov[i].iov_len = SLOT_BYTES;
+        self->in_msgs[i].msg_hdr.msg_iov = &self->in_iov[i];
+        self->in_msgs[i].msg_hdr.msg_iovlen = 1;
+        self->in_msgs[i].msg_hdr.msg_name = &self->in_addr[i];
+    }
+    self->in_count = self->in_next = self->out_head = self->out_count = self->blocked = 0;
+    self->last = -1;
+    return 0;
+}
+
+static void
+Reader_dealloc(Reader *self)
+{
+    reader_free(self);
+    Py_CLEAR(self->entries);
+    Py_CLEAR(self->cached_type);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Reader_get_blocked(Reader *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->blocked);
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"read", (PyCFunction)Reader_read, METH_NOARGS,
+     "read() -> (data, address, kind) | None\n\nRead a batch (or go on with the one read "
+     "last): the first datagram Python must answer, or None once every datagram of the "
+     "batch is answered and the replies are sent."},
+    {"next", (PyCFunction)Reader_next, METH_O,
+     "next(reply) -> (data, address, kind) | None\n\nThe reply (bytes, or None for no reply "
+     "now) to the datagram handed over last; then as read() for the rest of the batch."},
+    {"send", (PyCFunction)Reader_send, METH_VARARGS,
+     "send(reply, address) -> bool\n\nA reply made later (a forward's), sent now or queued "
+     "while blocked; False when dropped (the queue is full)."},
+    {"flush", (PyCFunction)Reader_flush, METH_NOARGS,
+     "flush() -> bool\n\nSend what is queued; True when nothing is left."},
+    {"close", (PyCFunction)Reader_close, METH_NOARGS,
+     "close()\n\nDrop the buffers and whatever is still queued (the socket is the caller's)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Reader_members[] = {
+    {"received", T_ULONGLONG, offsetof(Reader, received), READONLY, "datagrams read"},
+    {"hits", T_ULONGLONG, offsetof(Reader, hits), READONLY, "datagrams answered from the cache "
+                                                            "here"},
+    {"send_errors", T_ULONGLONG, offsetof(Reader, send_errors), READONLY,
+     "replies dropped: refused by the kernel (not EAGAIN), or no room while blocked"},
+    {"batch", T_INT, offsetof(Reader, batch), READONLY, "datagrams per recvmmsg"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Reader_getset[] = {
+    {"blocked", (getter)Reader_get_blocked, NULL,
+     "True while replies wait for room in the socket's send buffer", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meshdns._udpbatch.Reader",
+    .tp_doc = "Reader(fd, entries, cached_type, rebuild_after, sample_every, batch=64)\n\n"
+              "Batched reads and sends on one non-blocking UDP socket, cache hits answered "
+              "in C (see the module's source for the contract).",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Reader_init,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_methods = Reader_methods,
+    .tp_members = Reader_members,
+    .tp_getset = Reader_getset,
+};
+
+static struct PyModuleDef udpbatch_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meshdns._udpbatch",
+    .m_doc = "The compiled UDP packet path: recvmmsg/sendmmsg batches, cache hits answered in "
+             "C (meshdns/packets.py uses it; MESHDNS_PURE_PYTHON=1 turns it off).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__udpbatch(void)
+{
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&udpbatch_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(module, "Reader", (PyObject *)&ReaderType) < 0
+        || PyModule_AddIntConstant(module, "MISS", KIND_MISS) < 0
+        || PyModule_AddIntConstant(module, "OTHER", KIND_OTHER) < 0
+        || PyModule_AddIntConstant(module, "SAMPLED", KIND_SAMPLED) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
