@@ -159,7 +159,9 @@ def check_packet_path(log: str, env: dict[str, str]) -> str:
     m = re.search(r'UDP packet path: (compiled|pure Python)[^"]*', log)
     assert m, f"meshdns did not say which UDP packet path it uses:\n{log}"
     expected = "pure Python" if env.get("MESHDNS_PURE_PYTHON") == "1" else "compiled"
-    assert m.group(1) == expected, f"expected the {expected} packet path: {m.group(0)}"
+    assert m.group(1) == expected, (
+        f"expected the {expected} packet path: {m.group(0)} (a venv made before the extension "
+        "existed: run ./scripts/venv test, whose pip install -e . builds it)")
     return m.group(0)
 
 
