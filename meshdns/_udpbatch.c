@@ -11,7 +11,8 @@
    orders change exactly as they would on the pure-Python path.
 
    Replies (the hits' and Python's) are queued and leave together with one sendmmsg(2) when the
-   batch is done. A reply the kernel refuses for itself (EMSGSIZE, a route, a firewall) is
+   batch is done, or sooner once the first of them has waited FLUSH_WAIT_NS while Python made
+   others. A reply the kernel refuses for itself (EMSGSIZE, a route, a firewall) is
    dropped and counted, as the pure path's error_received ignores it; when the socket's send
    buffer is full (EAGAIN) the queue is kept, `blocked` turns true and the caller waits for the
    socket to be writable and calls flush(): nothing already answered is lost, and no datagram
@@ -28,12 +29,18 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 /* The largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6) fits whole: a datagram is
    never cut here where the pure path would read it complete. Pages the kernel does not write
    are never touched, so a slot costs a page of memory, not 64 KiB. */
 #define SLOT_BYTES 65536
 #define MAX_BATCH 1024 /* UIO_MAXIOV: the most messages one recvmmsg/sendmmsg takes */
+/* The longest a queued reply waits for the rest of its batch, checked after each reply Python
+   makes (a miss costs ~10 us: 64 of them would hold the first reply ~0.6 ms, a general-path
+   SRV miss more). Sending a batch's replies together saves ~0.6 us per miss (measured in
+   process: 10.5 vs 11.1 us per cold miss); a flush every ~20 misses keeps most of that. */
+#define FLUSH_WAIT_NS 200000LL
 
 enum { KIND_MISS = 0, KIND_OTHER = 1, KIND_SAMPLED = 2 };
 
@@ -70,6 +77,7 @@ typedef struct {
     struct mmsghdr *out_msgs;
     struct iovec *out_iov;
     int out_cap, out_head, out_count;
+    long long queued_at; /* CLOCK_MONOTONIC ns when the queue last went from empty to not */
     int blocked;
 } Reader;
 
@@ -148,6 +156,14 @@ flush_queue(Reader *self)
     return 1;
 }
 
+static long long
+monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
 /* Queue a reply to `addr`; with `id`, those two bytes go in front. -1 when the queue is full
    (only while blocked: it holds two batches). */
 static int
@@ -162,6 +178,8 @@ queue_reply(Reader *self, PyObject *reply, const unsigned char *id,
     }
     if (self->out_count == self->out_cap)
         return -1;
+    if (self->out_count == self->out_head)
+        self->queued_at = monotonic_ns();
     Outgoing *o = &self->out[self->out_count++];
     Py_INCREF(reply);
     o->reply = reply;
@@ -399,6 +417,8 @@ Reader_next(Reader *self, PyObject *reply)
         if (queue_reply(self, reply, NULL, &self->in_addr[last],
                         self->in_msgs[last].msg_hdr.msg_namelen) < 0)
             self->send_errors++; /* blocked, and two batches of replies wait already */
+        else if (!self->blocked && monotonic_ns() - self->queued_at >= FLUSH_WAIT_NS)
+            flush_queue(self); /* (Python's replies are slow to make: do not hold the others) */
     }
     return serve(self);
 }
