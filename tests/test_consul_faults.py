@@ -236,3 +236,26 @@ def test_a_small_max_requests_still_follows_two_datacenters(start_server,
     assert wait_until(lambda: ready(server) == 200, 20), tail(server)
     converges(server, "svc-49.service.dc2.dc.consul", (NOERROR, ["10.2.0.1"]))
     assert fake.max_in_flight <= 8
+
+
+def test_first_reads_use_the_request_budget_and_changes_the_pool(start_server,
+                                                                 fake: FakeConsul) -> None:
+    """A scope's first read is one fetch per service: while it runs, the fetchers may use
+    every request the blocking watches do not hold (a slow Consul then costs time to ready
+    in proportion to N / that budget, not N / the pool); once synced, re-reads go back to
+    the pool of max_requests / 4. Never more than max_requests in flight."""
+    _many_services(fake)
+    slow = fake.add_fault(r"^/v1/health/service/", "delay", delay=0.2)
+    server = start_meshdns(start_server, fake.url, max_requests=32)
+    first = requests_to(fake, "/v1/health/service/")
+    assert max_overlap(first) > 8  # the pool is 32 // 4
+    assert max_overlap(requests_to(fake, "/v1/")) <= 32
+    # a registration-only change: the scope is re-read whole, through the pool
+    since = time.monotonic()
+    fake.register_service("web", "n1", id="web-1", address="10.0.1.9", port=8080, tags=["v1"])
+    converges(server, "v1.web.service.consul", (NOERROR, ["10.0.1.9"]))
+    assert wait_until(lambda: len(requests_to(fake, "/v1/health/service/", since)) >= 200)
+    fake.clear_faults(slow)
+    reread = [r for r in requests_to(fake, "/v1/health/service/", since) if r["end"]]
+    assert 2 < max_overlap(reread) <= 8
+    assert fake.max_in_flight <= 32

@@ -195,6 +195,24 @@ def test_health_state_filter_follows_the_documented_grammar(fake: FakeConsul) ->
     assert status == 200 and [c["CheckID"] for c in body] == ["service:web-1"]
 
 
+def test_a_filter_applies_after_acls(fake: FakeConsul) -> None:
+    """As Consul's Health.ChecksInState: ACLs hide checks first (and say so in the header,
+    whatever the expression keeps), then the filter selects from the rest."""
+    fake.set_service_health("web-1", "n1", "critical")
+    fake.set_service_health("db", "n2", "critical")
+    fake.enable_acls()
+    fake.add_token("web-only", {"node_prefix": {"": {"policy": "read"}},
+                                "service": {"web": {"policy": "read"}}})
+    path = "/v1/health/state/any?" + urlencode({"filter": 'Status != "passing"'})
+    status, headers, body = get(fake, path, "web-only")
+    assert status == 200 and [c["CheckID"] for c in body] == ["service:web-1"]
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    path = "/v1/health/state/any?" + urlencode({"filter": 'ServiceName == "web"'})
+    status, headers, body = get(fake, path, "web-only")
+    assert sorted(c["CheckID"] for c in body) == ["service:web-1", "service:web-2"]
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"  # db's check was hidden
+
+
 @pytest.mark.parametrize("expression", [
     "Status", 'Status ==', 'Status == "a" and', '(Status == "a"', 'Status === "a"', "",
     'Bogus == "a"', 'Node.Meta == "a"', 'Status is empty', 'ServiceTags == "a"',

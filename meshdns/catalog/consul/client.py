@@ -106,6 +106,14 @@ class Limiter:
             self.in_flight -= 1
             self._cond.notify_all()
 
+    async def resize(self, maximum: int) -> None:
+        """A new ceiling; the limit follows it (or stays as low as a 429 left it)."""
+        async with self._cond:
+            throttled = self.limit < self.maximum
+            self.maximum = max(1, maximum)
+            self.limit = min(self.limit, self.maximum) if throttled else self.maximum
+            self._cond.notify_all()
+
     def throttled(self) -> None:
         """Consul said 429 (too many requests from this client): halve the concurrency."""
         self.limit = max(1, self.limit // 2)
@@ -132,9 +140,12 @@ class ConsulClient:
         self.base_dir = base_dir
         # Two lanes that add up to max_requests: blocking watches hold their request for up
         # to ``wait``, so they must not take the slots the fetchers need (nor the reverse).
+        # The source widens the fetchers' lane into the slots no blocking watch holds while a
+        # scope's first read is fetched; ``total`` keeps the sum at max_requests whatever.
         fetchers = fetch_pool_size(settings.max_requests)
         self.fetch_limiter = Limiter(fetchers)
         self.limiter = Limiter(max(1, settings.max_requests - fetchers))
+        self.total = Limiter(settings.max_requests)
         self.peak = 0
         self.requests = 0
         self.bytes = 0
@@ -222,7 +233,7 @@ class ConsulClient:
         if self.settings.tls_server_name:
             kwargs["server_hostname"] = self.settings.tls_server_name
         limiter = self.fetch_limiter if fetch else self.limiter
-        async with limiter:
+        async with limiter, self.total:
             self.requests += 1
             self.peak = max(self.peak, self.in_flight)
             try:
@@ -288,7 +299,7 @@ class ConsulClient:
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "bytes": self.bytes, "in_flight": self.in_flight,
                 "peak_in_flight": self.peak,
-                "limit": self.limiter.limit + self.fetch_limiter.limit,
+                "limit": min(self.total.limit, self.limiter.limit + self.fetch_limiter.limit),
                 "errors": dict(self.errors)}
 
 

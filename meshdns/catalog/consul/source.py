@@ -157,7 +157,9 @@ class ConsulCatalogSource:
                  _show(self.settings.datacenters))
         try:
             await self._local_datacenter()
-            for _ in range(fetch_pool_size(self.settings.max_requests)):
+            # as many fetchers as requests may be in flight: the fetch lane's limit (wide
+            # while a scope's first read is fetched, see _size_fetch_lane) says how many run
+            for _ in range(self.settings.max_requests):
                 self._spawn(self._fetcher())
             self._spawn(self._watch_staleness())
             await self._follow_topology()
@@ -404,6 +406,7 @@ class ConsulCatalogSource:
         for p in self.partitions:
             if p not in self.config_watches:
                 self._start_config(p)
+        self._size_fetch_lane()
         self.pending_topology = {
             "datacenters": frozenset(self.datacenters),
             "partitions": frozenset({"default", *self.partitions}),
@@ -457,8 +460,7 @@ class ConsulCatalogSource:
             for name in names:
                 self._enqueue(scope, name)
             if not names:
-                sw.synced = True
-                self._maybe_ready()
+                self._synced(sw)
             return
         for name in names:
             if name not in old or names[name] != old[name]:
@@ -591,8 +593,27 @@ class ConsulCatalogSource:
         if sw.initial:
             sw.initial.discard(name)
             if not sw.initial and not sw.synced:
-                sw.synced = True
-                self._maybe_ready()
+                self._synced(sw)
+
+    def _synced(self, sw: ScopeWatch) -> None:
+        sw.synced = True
+        self._size_fetch_lane()
+        self._maybe_ready()
+
+    def _size_fetch_lane(self) -> None:
+        """While some scope's first read is being fetched (one request per service), the
+        fetchers may use every request the blocking watches do not hold (one each, and one
+        for the topology reads): time to ready is then bounded by how fast Consul answers,
+        not by a pool sized for changes. Afterwards the pool goes back to its size."""
+        assert self.client is not None
+        pool = fetch_pool_size(self.settings.max_requests)
+        width = pool
+        if any(not sw.synced for sw in self.scopes.values()):
+            width = max(pool, self.settings.max_requests - self._blocking - 1)
+        if width != self.client.fetch_limiter.maximum:
+            log.debug("consul: %d fetches at once (%s)", width,
+                      "first reads" if width > pool else "following changes")
+            self._spawn(self.client.fetch_limiter.resize(width))
 
     # --- nodes and config entries ---------------------------------------------------------
 
