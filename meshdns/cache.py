@@ -30,11 +30,13 @@ from .metrics import Metrics
 from .wire import Question
 
 # Bytes of Python objects an entry costs beyond the bytes of its key and replies: the Cached
-# object, the bytes objects' headers, the replies tuple, the dict and tag-set slots, the tag.
-# Measured with tracemalloc (tests/test_cache.py checks it covers what is really allocated).
-ENTRY_OVERHEAD = 440
+# object, the bytes objects' headers, the replies tuple, the dict and tag-index slots, the tag.
+# Measured with tracemalloc (tests/test_cache.py checks it covers what is really allocated,
+# with tags shared or one per entry: ~370 and ~310 bytes on CPython 3.11).
+ENTRY_OVERHEAD = 400
 REPLY_OVERHEAD = 48  # per reply order: a bytes header and a tuple slot
 ENTRY_SHARE = 32  # no single entry may take more than 1/32 of the byte budget
+MAX_ORDERS = 16  # distinct answer orders kept per cached reply
 
 
 class Cached:
@@ -91,7 +93,8 @@ class ResponseCache:
         self.metrics = metrics
         self.bytes = 0  # charged by the entries held now
         self.evictions = 0
-        self._tagged: dict[str | None, set[bytes]] = {}
+        # the keys of the entries by tag: one key itself, several in a set
+        self._tagged: dict[str | None, bytes | set[bytes]] = {}
         self.resize(max_entries, max_bytes, enabled)
 
     def resize(self, max_entries: int, max_bytes: int, enabled: bool = True) -> None:
@@ -116,20 +119,28 @@ class ResponseCache:
         """Keep a reply (None when it is not kept: disabled, or too big for one entry)."""
         if not self.enabled:
             return None
-        size = entry_size(key, replies, pending)
+        size = ENTRY_OVERHEAD + len(key)  # entry_size, inlined: this is every miss's cost
+        for reply in replies:
+            size += REPLY_OVERHEAD + len(reply)
+        if pending is not None:
+            size += len(pending)
         if size > self.max_entry_bytes:
             return None
-        if key in self.entries:
+        entries = self.entries
+        if key in entries:
             self._remove(key)
-        if len(self.entries) >= self.max_entries or self.bytes + size > self.max_bytes:
+        if len(entries) >= self.max_entries or self.bytes + size > self.max_bytes:
             self._evict(size)
-        entry = Cached(replies, turn, counter_key, pending, tag, size)
-        self.entries[key] = entry
+        entry = entries[key] = Cached(replies, turn, counter_key, pending, tag, size)
         self.bytes += size
-        keys = self._tagged.get(tag)
-        if keys is None:
-            keys = self._tagged[tag] = set()
-        keys.add(key)
+        tagged = self._tagged
+        keys = tagged.get(tag)
+        if keys is None:  # the tag's only entry (a name asked once, the cold path): no set
+            tagged[tag] = key
+        elif keys.__class__ is bytes:
+            tagged[tag] = {keys, key}  # type: ignore[arg-type]
+        else:
+            keys.add(key)  # type: ignore[union-attr]
         return entry
 
     def expand(self, key: bytes, entry: Cached, replies: tuple[bytes, ...]) -> None:
@@ -157,10 +168,13 @@ class ResponseCache:
         dropped = 0
         for tag in (*change.services, None):
             keys = self._tagged.pop(tag, None)
-            if keys:
-                for key in keys:
-                    self._remove(key, untag=False)
-                dropped += len(keys)
+            if keys is None:
+                continue
+            if keys.__class__ is bytes:
+                keys = (keys,)  # type: ignore[assignment]
+            for key in keys:
+                self._remove(key, untag=False)  # type: ignore[arg-type]
+            dropped += len(keys)
         return dropped
 
     def clear(self) -> int:
@@ -200,11 +214,17 @@ class ResponseCache:
         self.fold(entry)
         self.bytes -= entry.size
         if untag:
-            keys = self._tagged.get(entry.tag)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._tagged[entry.tag]
+            tagged = self._tagged
+            keys = tagged.get(entry.tag)
+            if keys is None:
+                return
+            if keys.__class__ is bytes:
+                if keys == key:
+                    del tagged[entry.tag]
+                return
+            keys.discard(key)  # type: ignore[union-attr]
+            if len(keys) == 1:
+                tagged[entry.tag] = next(iter(keys))  # type: ignore[arg-type]
 
     def _evict(self, room: int) -> None:
         """Make room for ``room`` more bytes and one more entry: drop the oldest entries (dicts
@@ -224,4 +244,4 @@ class ResponseCache:
         self.evictions += len(victims)
 
 
-__all__ = ["Cached", "ResponseCache", "entry_size", "plain_query"]
+__all__ = ["MAX_ORDERS", "Cached", "ResponseCache", "entry_size", "plain_query"]

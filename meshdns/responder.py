@@ -14,20 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cache import Cached, ResponseCache, plain_query
+from .cache import MAX_ORDERS, Cached, ResponseCache, plain_query
 from .catalog.snapshot import Snapshot
 from .catalog.source import EVERYTHING, Change
 from .config import Config
-from .fastpath import (
-    PlainQuestion,
-    address_reply,
-    addresses_of,
-    plain_opt,
-    plain_service_question,
-    records_reply,
-    service_addresses,
-    service_suffix,
-)
+from .fastpath import PlainPath, address_reply, service_addresses
 from .metrics import Metrics
 from .names import Query, parse, parse_reverse, split_domain
 from .resolve import (
@@ -46,8 +37,6 @@ from .topnames import TopNames
 from .wire import (
     CLASS_ANY,
     CLASS_IN,
-    MAX_TCP,
-    NO_EDNS_MAX_ANSWERS,
     Drop,
     Question,
     Reject,
@@ -62,7 +51,6 @@ from .wire import (
 if TYPE_CHECKING:
     from .trace import Trace
 
-MAX_ORDERS = 16  # distinct answer orders kept per cached reply
 REBUILD_AFTER = 4096  # hits before a cached reply is rebuilt with fresh random orders
 # lookups whose answer is computed from one service's instances (their dependency tag)
 SERVICE_KINDS = frozenset({"service", "connect", "ingress", "virtual"})
@@ -119,9 +107,14 @@ class Responder:
         self.domain_names = tuple(domains)
         self.domain_labels = tuple(tuple(d.split(".")) for d in domains)
         self.primary_labels = tuple(config.domain.split("."))
-        self.service_suffix = service_suffix(self.primary_labels)
         self.recursion = bool(config.dns.recursors)
         self.max_udp_size = config.dns.max_udp_size
+        dns = config.dns
+        self.udp_plain, self.tcp_plain = (
+            PlainPath(self.primary_labels, self.settings, tcp, dns.udp_answer_limit,
+                      dns.enable_truncate, self.max_udp_size, self.recursion,
+                      self._random.random, self.metrics)
+            for tcp in (False, True))
         c = config.cache
         for cache in (self.udp_cache, self.tcp_cache):  # resized in place: the UDP path holds it
             cache.resize(c.size, c.max_bytes, c.enabled)
@@ -144,7 +137,13 @@ class Responder:
 
     def respond_uncached(self, data: bytes, tcp: bool, key: bytes) -> bytes | Forward | None:
         """``respond`` for a query the caller already looked up in vain (``key``: data[2:])."""
-        return self._respond_uncached(data, tcp, self.tcp_cache if tcp else self.udp_cache, key)
+        cache = self.tcp_cache if tcp else self.udp_cache
+        if self.serving:  # _respond_uncached's first step, inlined: the cold path is this
+            reply = (self.tcp_plain if tcp else self.udp_plain).respond(data, key,
+                                                                         self.snapshot, cache)
+            if reply is not None:
+                return reply
+        return self._respond_general(data, tcp, cache, key)
 
     def cached_reply(self, entry: Cached, cache: ResponseCache, key: bytes) -> bytes:
         """The next order of a cached reply (without its ID)."""
@@ -172,12 +171,17 @@ class Responder:
 
     def _respond_uncached(self, data: bytes, tcp: bool, cache: ResponseCache,
                           key: bytes) -> bytes | Forward | None:
-        if self.serving:
-            plain = plain_service_question(data, self.service_suffix)
-            if plain is not None:
-                reply = self._respond_plain(plain, data, tcp, cache, key)
-                if reply is not None:
-                    return reply
+        if self.serving:  # the packet-level path first (fastpath.PlainPath)
+            reply = (self.tcp_plain if tcp else self.udp_plain).respond(data, key,
+                                                                         self.snapshot, cache)
+            if reply is not None:
+                return reply
+        return self._respond_general(data, tcp, cache, key)
+
+    def _respond_general(self, data: bytes, tcp: bool, cache: ResponseCache,
+                         key: bytes) -> bytes | Forward | None:
+        """Every miss PlainPath does not take: the packet parsed, then the fast path for
+        addresses (fastpath.service_addresses) or the general resolver."""
         transport = "tcp" if tcp else "udp"
         metrics = self.metrics
         try:
@@ -230,8 +234,10 @@ class Responder:
 
     def _rotation(self, count: int) -> list[int] | None:
         """A random rotation of ``count`` answers (None: keep the order of one or none)."""
+        if count < 2:
+            return None
         turn = int(self._random.random() * count)
-        return list(range(turn, count)) + list(range(turn)) if count > 1 else None
+        return list(range(turn, count)) + list(range(turn))
 
     def _respond_with_addresses(self, question: Question, addresses: list[bytes], data: bytes,
                                 tcp: bool, cache: ResponseCache, key: bytes) -> bytes:
@@ -251,45 +257,6 @@ class Responder:
             self.metrics.truncated += 1
         self._store(cache, question, data, key, reply, counter_key, question.labels[0],
                     count > 1)
-        return data[:2] + reply[2:]
-
-    def _respond_plain(self, plain: PlainQuestion, data: bytes, tcp: bool,
-                       cache: ResponseCache, key: bytes) -> bytes | None:
-        """``_respond_with_addresses`` for a question read by plain_service_question (no
-        ``Question`` built); None when the general path must answer it after all."""
-        settings = self.settings
-        name, qtype = plain.name, plain.qtype
-        addresses = addresses_of(self.snapshot, settings, name, qtype)
-        if addresses is None:
-            return None
-        count = len(addresses)
-        order = self._rotation(count)
-        dns = self.config.dns
-        if tcp:  # wire.limits_for, for a plain question
-            opt = plain_opt(plain.edns_size, plain.do) if plain.edns_size >= 0 else b""
-            max_bytes, limit_answers, truncate = MAX_TCP, 0, False
-        elif plain.edns_size < 0:
-            opt = b""
-            max_bytes, truncate = 512, dns.enable_truncate
-            limit_answers = min(dns.udp_answer_limit, NO_EDNS_MAX_ANSWERS)
-        else:
-            opt = plain_opt(plain.edns_size, plain.do)
-            max_bytes, limit_answers, truncate = max(512, plain.edns_size), 0, \
-                dns.enable_truncate
-            if max_bytes > self.max_udp_size:
-                max_bytes, truncate = self.max_udp_size, True
-        flags = 0x8400 | (plain.flags & 0x0110) | (0x0080 if self.recursion else 0)
-        reply = records_reply(qtype, plain.raw, opt, addresses, order,
-                              settings.service_ttl(name), settings.a_record_limit, max_bytes,
-                              limit_answers, truncate, flags)
-        counter_key = ("service", "NOERROR", "tcp" if tcp else "udp")
-        metrics = self.metrics
-        metrics.queries[counter_key] += 1
-        if reply[2] & 0x02:
-            metrics.truncated += 1
-        if cache.enabled:  # a plain question is always a plain query (cache.plain_query)
-            cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS),
-                        counter_key, name, data if count > 1 else None)
         return data[:2] + reply[2:]
 
     def answer(self, question: Question,
@@ -411,8 +378,9 @@ class Responder:
         plain OPT (see cache.plain_query). ``more_orders``: keep the query, to encode the
         reply's other answer orders if it is asked again."""
         if cache.enabled and plain_query(question, len(data)):
-            cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS),
-                        counter_key, tag, data if more_orders else None)
+            # the first turn picks the order a second ask starts at: no draw for one order
+            cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS)
+                        if more_orders else 0, counter_key, tag, data if more_orders else None)
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

@@ -158,8 +158,10 @@ def test_one_entry_may_not_take_the_budget() -> None:
     assert cache.room_for(100) >= 1 and cache.room_for(10_000) == 0
 
 
-def test_the_allowance_covers_what_an_entry_really_costs() -> None:
-    """ENTRY_OVERHEAD is what Python allocates per entry beyond the key and reply bytes."""
+@pytest.mark.parametrize("tags", [50, 20_000], ids=["shared-tags", "a-tag-each"])
+def test_the_allowance_covers_what_an_entry_really_costs(tags: int) -> None:
+    """ENTRY_OVERHEAD is what Python allocates per entry beyond the key and reply bytes, with
+    tags shared by many entries or one per entry (names asked once: the cold path)."""
     cache = ResponseCache(Metrics(), 100_000, 1 << 30)
     keys = [os.urandom(40) for _ in range(20_000)]
     replies = [os.urandom(90) for _ in range(20_000)]
@@ -169,7 +171,7 @@ def test_the_allowance_covers_what_an_entry_really_costs() -> None:
     charged = 0
     for i, key in enumerate(keys):
         reply = (b"\x84\x00" + replies[i],)
-        cache.store(key, reply, 0, ("service", "NOERROR", "udp"), f"svc-{i % 50}")
+        cache.store(key, reply, 0, ("service", "NOERROR", "udp"), f"svc-{i % tags}")
         charged += entry_size(key, reply, None)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()

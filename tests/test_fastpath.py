@@ -8,12 +8,14 @@ import dns.flags
 import dns.message
 import pytest
 
+from meshdns.cache import ResponseCache, plain_query
 from meshdns.catalog.model import Catalog
 from meshdns.catalog.snapshot import build_snapshot
 from meshdns.config import Config
 from meshdns.fastpath import address_reply, service_addresses
+from meshdns.metrics import Metrics
 from meshdns.responder import Responder
-from meshdns.wire import encode, limits_for, parse_query, reply_flags
+from meshdns.wire import Drop, Reject, encode, limits_for, parse_query, reply_flags
 
 CATALOG = Catalog.model_validate({
     "nodes": [
@@ -139,7 +141,7 @@ def test_fast_path_and_general_path_replies_agree_through_the_responder() -> Non
         assert got == want
 
 
-# --- the packet-level reader (plain_service_question) --------------------------------------
+# --- the packet-level path (PlainPath) ------------------------------------------------------
 
 
 # 100 distinct addresses: a reply (1,600+ bytes of answers) that meets every size limit
@@ -151,7 +153,8 @@ HUGE = build_snapshot(Catalog.model_validate({
 }), local_datacenter="dc1")
 PACKET_CONFIGS = {**CONFIGS, "small-udp": {"dns": {"max_udp_size": 700, "enable_truncate": True}},
                   "no-truncate": {"dns": {"max_udp_size": 1500, "enable_truncate": False}},
-                  "many": {"dns": {"udp_answer_limit": 20}}}
+                  "many": {"dns": {"udp_answer_limit": 20}},
+                  "one-ttl": {"dns": {"service_ttl": {"*": "7s"}, "a_record_limit": 2}}}
 
 
 def _packets() -> list[bytes]:
@@ -201,23 +204,21 @@ def _packets() -> list[bytes]:
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 def test_packet_reader_replies_are_byte_identical(config_name: str, tcp: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Differential: every packet answered with the packet-level reader on and off gives the
-    same bytes (same random answer order: both responders draw from the same seed), and the
-    reader takes the common shapes."""
-    import random
-
-    import meshdns.responder as responder_module
+    """Differential: every packet answered with the packet-level path on and off gives the
+    same bytes (same random answer order: both responders draw from the same seed), the same
+    counts and the same cache entries, and the path takes the common shapes."""
+    from meshdns.fastpath import PlainPath
 
     config = Config.model_validate(PACKET_CONFIGS[config_name])
     packets = _packets()
     fast, general = Responder(config, HUGE), Responder(config, HUGE)
-    fast._random, general._random = random.Random(7), random.Random(7)
-    taken = 0
-    for data in packets:
-        taken += responder_module.plain_service_question(data, fast.service_suffix) is not None
+    fast._random.seed(7)
+    general._random.seed(7)
+    taken = sum(Responder(config, HUGE).udp_plain.respond(data, data[2:], HUGE, ResponseCache(
+        Metrics(), 100, 10**6)) is not None for data in packets)
     assert taken > 60
     fast_replies = [fast.respond(data, tcp) for data in packets * 2]  # misses, then hits
-    monkeypatch.setattr(responder_module, "plain_service_question", lambda data, suffix: None)
+    monkeypatch.setattr(PlainPath, "respond", lambda *args: None)
     general_replies = [general.respond(data, tcp) for data in packets * 2]
     for data, a, b in zip(packets * 2, fast_replies, general_replies):
         assert a == b, (config_name, data)
@@ -227,21 +228,18 @@ def test_packet_reader_replies_are_byte_identical(config_name: str, tcp: bool,
     assert set(fast.tcp_cache.entries) == set(general.tcp_cache.entries)
 
 
-def test_packet_reader_reads_what_parse_query_reads() -> None:
-    """For each packet it takes, the reader's fields are parse_query's."""
-    from meshdns.fastpath import plain_service_question, service_suffix
-
-    suffix = service_suffix(("consul",))
+def test_packet_path_takes_what_the_general_path_reads_as_plain() -> None:
+    """The packet-level path answers exactly the packets that parse_query reads as a plain
+    service A/AAAA question (the fast path's kind) holding nothing but it and a bare OPT."""
+    responder = Responder(Config(), HUGE)
     for data in _packets():
-        plain = plain_service_question(data, suffix)
-        if plain is None:
+        taken = responder.udp_plain.respond(data, data[2:], HUGE, responder.udp_cache)
+        try:
+            question = parse_query(data)
+        except (Drop, Reject):
+            assert taken is None, data
             continue
-        question = parse_query(data)
-        assert plain.name == question.labels[0]
-        assert (plain.qtype, plain.flags, plain.raw) == (question.qtype, question.flags,
-                                                         question.raw)
-        if question.edns is None:
-            assert plain.edns_size == -1
-        else:
-            assert (plain.edns_size, plain.do) == (question.edns.udp_size, question.edns.do)
-            assert question.edns.ecs is None
+        plain = (question.edns is None or question.edns.ecs is None) \
+            and plain_query(question, len(data)) \
+            and service_addresses(question, HUGE, responder.settings, ("consul",)) is not None
+        assert (taken is not None) == plain, data
