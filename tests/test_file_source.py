@@ -10,6 +10,7 @@ reason``, counted, and shown on ``/v1/catalog``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -606,3 +607,70 @@ def test_sighup_applies_connection_caps_and_names_what_needs_a_restart(start_ser
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("how", ["rewritten", "replaced", "configmap"])
+def test_a_quiet_file_is_watched_by_inotify_not_by_waking_every_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A quiet catalog costs no wake-ups: the source waits on inotify (writers.py) and polls
+    only when its folders see an event. With the quiet fallback poll an hour away, each way of
+    changing the file must still be picked up, by the event alone (a ConfigMap's ``..data``
+    swap happens in the folder of the name as given, not in the file's own)."""
+    import asyncio
+
+    import meshdns.catalog.file as file_module
+    from meshdns.catalog.file import FileSource
+    from meshdns.config import Config
+
+    monkeypatch.setattr(file_module, "QUIET_POLL", 3600.0)
+    second = CATALOG.replace("10.0.1.3", "10.0.1.9")
+    if how == "configmap":  # catalog.yaml -> ..data/catalog.yaml, ..data -> ..v1
+        (tmp_path / "..v1").mkdir()
+        (tmp_path / "..v1" / "catalog.yaml").write_text(CATALOG)
+        (tmp_path / "..data").symlink_to("..v1")
+        (tmp_path / "catalog.yaml").symlink_to("..data/catalog.yaml")
+    else:
+        (tmp_path / "catalog.yaml").write_text(CATALOG)
+    path = tmp_path / "catalog.yaml"
+
+    def change() -> None:
+        if how == "rewritten":
+            path.write_text(second)
+        elif how == "replaced":
+            (tmp_path / "new.yaml").write_text(second)
+            os.replace(tmp_path / "new.yaml", path)
+        else:
+            (tmp_path / "..v2").mkdir()
+            (tmp_path / "..v2" / "catalog.yaml").write_text(second)
+            (tmp_path / "..data_tmp").symlink_to("..v2")
+            os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    async def follow() -> list[int]:
+        source = FileSource(Config.model_validate({"catalog": {"poll_interval": "10ms"}}), path)
+        seen: list[int] = []
+        published = asyncio.Event()
+
+        def publish(snapshot, change) -> None:  # noqa: ANN001
+            seen.append(len(snapshot.services))
+            published.set()
+
+        task = asyncio.ensure_future(source.run(publish))
+        try:
+            await asyncio.wait_for(published.wait(), 10)
+            await asyncio.sleep(0.3)  # the source is in its quiet wait now
+            assert source._wake is not None
+            published.clear()
+            change()
+            await asyncio.wait_for(published.wait(), 10)  # the event woke it, not the hour
+            snapshot = source.snapshot
+            assert snapshot is not None
+            addresses = {inst.address for group in snapshot.services.values()
+                         for inst in group.usable}
+            assert "10.0.1.9" in addresses
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return seen
+
+    assert len(asyncio.run(follow())) == 2

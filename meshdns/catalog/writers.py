@@ -10,6 +10,10 @@ is watched, by the file's name, so a file deleted and written anew is seen too.
 Where inotify is missing (not Linux, no watches left) ``WriterWatch.busy`` is always False and
 the file source falls back on letting the file hold still for a moment, retrying a document
 that fails to parse, and its reload guards.
+
+The same descriptor tells the file source when to look at all (``fd`` turns readable): every
+event in the file's folder, and in the folder of the name as given when a symlink leads
+elsewhere (a ConfigMap swaps its ``..data`` link there), so a quiet file costs no wake-ups.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import struct
 from pathlib import Path
 
 IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_TO = 0x080
 IN_CREATE = 0x100
@@ -43,6 +48,7 @@ class WriterWatch:
 
     def __init__(self, path: Path) -> None:
         self.fd = -1
+        self.wd = -1  # the watch of the file's own folder (the other only wakes the source)
         self.folder: str | None = None
         self.name = b""
         self.writing = False  # a write seen and no close after it yet
@@ -61,10 +67,10 @@ class WriterWatch:
             except OSError:
                 self.close()
                 return False
-            for mask, name in _events(data):
+            for wd, mask, name in _events(data):
                 if mask & IN_Q_OVERFLOW:
                     self.writing = False  # lost track: the callers' other checks apply
-                elif name != self.name:
+                elif name != self.name or wd != self.wd:
                     continue
                 elif mask & (IN_MODIFY | IN_CREATE):
                     self.writing = True
@@ -87,25 +93,30 @@ class WriterWatch:
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             return
-        mask = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
-        if _libc.inotify_add_watch(fd, os.fsencode(folder), mask) < 0:
+        mask = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        wd = _libc.inotify_add_watch(fd, os.fsencode(folder), mask)
+        if wd < 0:
             os.close(fd)
             return
-        self.fd, self.folder, self.name, self.writing = fd, folder, os.fsencode(name), False
+        given = os.path.dirname(os.path.abspath(self.path))
+        if given != folder:  # a symlink: its own folder's changes matter too (for waking)
+            _libc.inotify_add_watch(fd, os.fsencode(given), mask)
+        self.fd, self.wd, self.folder, self.name = fd, wd, folder, os.fsencode(name)
+        self.writing = False
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.folder = -1, None
+        self.fd, self.wd, self.folder = -1, -1, None
 
 
-def _events(data: bytes) -> list[tuple[int, bytes]]:
+def _events(data: bytes) -> list[tuple[int, int, bytes]]:
     out = []
     pos = 0
     while pos + _EVENT.size <= len(data):
-        _wd, mask, _cookie, size = _EVENT.unpack_from(data, pos)
+        wd, mask, _cookie, size = _EVENT.unpack_from(data, pos)
         pos += _EVENT.size
-        out.append((mask, data[pos:pos + size].rstrip(b"\0")))
+        out.append((wd, mask, data[pos:pos + size].rstrip(b"\0")))
         pos += size
     return out
 
