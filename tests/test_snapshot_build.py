@@ -68,3 +68,63 @@ def test_reload_shares_unchanged_instances_and_nodes(tmp_path: Path) -> None:
     # one frozenset per distinct tag list, shared by every instance that has it
     tag_sets = {id(i.tags) for g in second.services.values() for i in g.usable}
     assert len(tag_sets) <= 5
+
+
+SERVICE_ENTRIES = [
+    {"name": "web", "node": "n1"},
+    {"name": "Web_2", "id": "w-1", "node": "n1", "port": "8080", "tags": ["A", "b"],
+     "address": " 10.0.0.9 ", "meta": {"v": 1, "ok": True, "s": "x"}, "health": "warning",
+     "weights": {"passing": 3, "warning": 0}, "namespace": "Team", "partition": "p1",
+     "tagged_addresses": {"wan": "192.0.2.1", "lan": {"address": "db.example.com.",
+                                                      "port": 5}}},
+    {"name": "six", "node": "n1", "address": "2001:DB8::1", "datacenter": "dc2"},
+    {"name": "proxy", "node": "n1", "kind": "connect-proxy", "destination": "web"},
+    {"name": "gw", "node": "n1", "kind": "ingress-gateway", "ingress": ["web", "api"]},
+    {"name": "native", "node": "n1", "connect_native": True, "peer": "cluster-2"},
+    {"name": "port", "node": "n1", "port": 80.0},
+    # refused: by the fields' own rules, or by the model's check across them
+    {"name": "web", "node": "n1", "extra": 1},
+    {"name": "bad name!", "node": "n1"},
+    {"name": "web", "node": "n1", "port": 70000},
+    {"name": "web", "node": "n1", "port": "eighty"},
+    {"name": "web", "node": "n1", "address": "10.0.0.300"},
+    {"name": "web", "node": "n1", "kind": "router"},
+    {"name": "web", "node": "n1", "kind": "connect-proxy"},
+    {"name": "web", "node": "n1", "destination": "api"},
+    {"name": "web", "node": "n1", "ingress": ["api"]},
+    {"name": "web", "node": "n1", "peer": "p", "datacenter": "dc2"},
+    {"name": "web", "node": "n1", "tags": "a"},
+    {"name": "web", "node": "n1", "health": "ok", "port": -1},
+    {"node": "n1"},
+    {"name": "web"},
+    None, [], "web", 5,
+]
+
+
+def _errors(exc) -> list[dict]:  # noqa: ANN001 - a ValidationError
+    # (the exceptions in ``ctx`` compare by identity: their text stands in for them)
+    return [{**e, "ctx": {k: str(v) for k, v in e.get("ctx", {}).items()}}
+            for e in exc.errors(include_url=False)]
+
+
+def test_service_fields_are_the_models_fields_and_errors() -> None:
+    """model.service_fields (the file path's validator, no model built) holds what the
+    Service model holds for every entry it takes, and refuses what the model refuses with
+    the model's own errors."""
+    import pytest
+    from pydantic import ValidationError
+
+    from meshdns.catalog.model import Service, service_fields
+
+    taken = 0
+    for entry in SERVICE_ENTRIES:
+        try:
+            model = Service.model_validate(entry)
+        except ValidationError as exc:
+            with pytest.raises(ValidationError) as info:
+                service_fields(entry)
+            assert _errors(info.value) == _errors(exc), entry
+            continue
+        assert service_fields(entry) == model.__dict__, entry
+        taken += 1
+    assert taken == 7

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     BaseModel,
@@ -18,10 +18,13 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from typing_extensions import TypedDict
 
 from ..config import Duration, consul
 
@@ -339,3 +342,40 @@ class CatalogFile(Catalog):
 
     # build_snapshot consumes these entries (sets each to None once indexed)
     services: list[dict[str, Any] | None] = Field(default_factory=list)  # type: ignore
+
+
+# --- one file entry's service fields, without the model ------------------------------------
+# A large catalog file validates 300,000 service entries one by one (catalog/snapshot.py):
+# building each Service model costs ~2.2 µs, validating the same fields into a dict ~1 µs,
+# a third of a second of the first answer's 2.5 s. The dict's validator is made from the
+# model's own fields (same types, constraints, validators, config), so they cannot drift;
+# the model's own check (_kind_fields) is made on the dict, and any entry either refuses is
+# validated by the model after all, for the model's own errors.
+_ServiceFields = TypedDict(  # type: ignore[misc]
+    "_ServiceFields",
+    {name: info.rebuild_annotation() if info.is_required()
+     else NotRequired[info.rebuild_annotation()]  # type: ignore[misc]
+     for name, info in Service.model_fields.items()})
+_ServiceFields.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
+    extra="forbid", coerce_numbers_to_str=True)
+_validate_fields = TypeAdapter(_ServiceFields).validator.validate_python
+# shared by every entry that leaves them out (nothing mutates a validated catalog)
+SERVICE_DEFAULTS: dict[str, Any] = {
+    name: info.get_default(call_default_factory=True)
+    for name, info in Service.model_fields.items() if not info.is_required()}
+
+
+def service_fields(entry: object) -> dict[str, Any]:
+    """The fields of one service entry, every one (defaults filled): what
+    ``Service.model_validate(entry)`` holds. Raises the ``ValidationError`` it raises."""
+    try:
+        fields = {**SERVICE_DEFAULTS, **_validate_fields(entry)}
+    except ValidationError:
+        fields = None
+    if fields is not None:
+        kind, destination = fields["kind"], fields["destination"]
+        if (kind == "connect-proxy") == bool(destination) \
+                and (kind == "ingress-gateway" or not fields["ingress"]) \
+                and (fields["peer"] is None or fields["datacenter"] is None):
+            return fields
+    return dict(Service.__pydantic_validator__.validate_python(entry).__dict__)
