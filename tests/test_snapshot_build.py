@@ -114,7 +114,7 @@ def test_service_fields_are_the_models_fields_and_errors() -> None:
     import pytest
     from pydantic import ValidationError
 
-    from meshdns.catalog.model import Service, service_fields
+    from meshdns.catalog.model import SERVICE_DEFAULTS, Service, service_fields
 
     taken = 0
     for entry in SERVICE_ENTRIES:
@@ -125,6 +125,27 @@ def test_service_fields_are_the_models_fields_and_errors() -> None:
                 service_fields(entry)
             assert _errors(info.value) == _errors(exc), entry
             continue
-        assert service_fields(entry) == model.__dict__, entry
+        assert {**SERVICE_DEFAULTS, **service_fields(entry)} == model.__dict__, entry
         taken += 1
     assert taken == 7
+
+
+def test_an_id_may_repeat_across_nodes_but_not_on_one() -> None:
+    """Instance ids are unique per node: the same id on another node is fine, a second one on
+    any node it is already on is a problem (the first node or a later one)."""
+    import pytest
+
+    from meshdns.catalog.model import Catalog
+    from meshdns.catalog.snapshot import CatalogProblems, build_snapshot
+
+    entries = [{"name": "web", "node": "n1"}, {"name": "web", "node": "n2"},
+               {"name": "api", "id": "WEB", "node": "n2"}, {"name": "db", "id": "web",
+                                                            "node": "n1"},
+               {"name": "web", "node": "n3"}]
+    with pytest.raises(CatalogProblems) as info:
+        build_snapshot(Catalog.model_validate({"nodes": NODES, "services": entries}),
+                       local_datacenter="dc1")
+    assert [p for p, _ in info.value.problems] == [("services", 2, "id"), ("services", 3, "id")]
+    fine = build_snapshot(Catalog.model_validate({"nodes": NODES, "services": entries[:2]}),
+                          local_datacenter="dc1")
+    assert fine.counts["instances"] == 2

@@ -366,16 +366,17 @@ SERVICE_DEFAULTS: dict[str, Any] = {
 
 
 def service_fields(entry: object) -> dict[str, Any]:
-    """The fields of one service entry, every one (defaults filled): what
-    ``Service.model_validate(entry)`` holds. Raises the ``ValidationError`` it raises."""
+    """The fields of one service entry, as ``Service.model_validate(entry)`` validates them:
+    those the entry gives, the others at their defaults (``SERVICE_DEFAULTS``: read them with
+    ``.get(name, SERVICE_DEFAULTS[name])``). Raises the ``ValidationError`` the model raises."""
     try:
-        fields = {**SERVICE_DEFAULTS, **_validate_fields(entry)}
+        fields = _validate_fields(entry)
     except ValidationError:
         fields = None
     if fields is not None:
-        kind, destination = fields["kind"], fields["destination"]
-        if (kind == "connect-proxy") == bool(destination) \
-                and (kind == "ingress-gateway" or not fields["ingress"]) \
-                and (fields["peer"] is None or fields["datacenter"] is None):
+        kind = fields.get("kind", "typical")
+        if (kind == "connect-proxy") == bool(fields.get("destination")) \
+                and (kind == "ingress-gateway" or not fields.get("ingress")) \
+                and (fields.get("peer") is None or fields.get("datacenter") is None):
             return fields
     return dict(Service.__pydantic_validator__.validate_python(entry).__dict__)

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from ..documents import error_message
 from .model import (
+    SERVICE_DEFAULTS,
     Catalog,
     CatalogFile,
     PreparedQuery,
@@ -43,6 +44,7 @@ VipKey = tuple[str, str, str, str]
 
 USABLE = frozenset({"passing", "warning"})
 _NO_TAGS: frozenset[str] = frozenset()
+_NO_ADDRESSES: Mapping[str, TaggedAddress] = {}  # shared: nothing mutates a snapshot
 _RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
 
 
@@ -145,13 +147,16 @@ def _worst(a: str, b: str) -> str:
     return a if _RANK[a] >= _RANK[b] else b
 
 
+_new_set = tuple.__new__
+
+
 def _set(items: Iterable[Instance]) -> InstanceSet:
     items = tuple(items)
     for i in items:
         if i.status != "passing":
             break
     else:  # all passing (the common case): one tuple serves both
-        return InstanceSet(items, items)
+        return _new_set(InstanceSet, (items, items, ()))  # InstanceSet(...) without its __new__
     return InstanceSet(
         tuple(i for i in items if i.status in USABLE),
         tuple(i for i in items if i.status == "passing"),
@@ -231,6 +236,8 @@ def build_snapshot(
     tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
     lowered: dict[str, str] = {}  # namespace as written -> lowercased, shared
     named: dict[str, tuple[str, str]] = {}  # service name -> (it, lowercased), shared
+    first_node: dict[str, NodeRecord] = {}  # service id lowercased -> the first node it is on
+    default_namespace, default_weights = (SERVICE_DEFAULTS[k] for k in ("namespace", "weights"))
     for i, entry in enumerate(raw_services):
         if isinstance(entry, Service):
             s = entry.__dict__  # the model's fields (read as a file entry's, below)
@@ -244,8 +251,9 @@ def build_snapshot(
                     loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
                     problems.append((("services", i, *loc), error_message(err, Service)))
                 continue
-        s_node, s_peer, s_dc, s_partition = s["node"], s["peer"], s["datacenter"], \
-            s["partition"]
+        get = s.get  # a field the entry leaves out is at its default (SERVICE_DEFAULTS)
+        s_node, s_peer, s_dc, s_partition = s["node"], get("peer"), get("datacenter"), \
+            get("partition")
         candidates = by_name.get(s_node.lower(), ())
         if len(candidates) > 1 or s_peer or s_dc or s_partition:
             candidates = [
@@ -268,15 +276,19 @@ def build_snapshot(
             continue
         node = candidates[0]
         name = s["name"]
-        sid = s["id"] or name
-        id_key = (id(node), sid.lower())
-        if id_key in seen_ids:
+        sid = get("id") or name
+        low_id = sid.lower()
+        first = first_node.get(low_id)  # (most ids are on one node only: no pair to keep)
+        if first is None:
+            first_node[low_id] = node
+        elif first is node or (id(node), low_id) in seen_ids:
             problems.append((("services", i, "id"),
                              f"service id {sid!r} is used twice on node {node.name!r}"))
             continue
-        seen_ids.add(id_key)
+        else:
+            seen_ids.add((id(node), low_id))
         # one object per distinct value, and each lowered once (see ``shared``)
-        written = s["namespace"]
+        written = get("namespace", default_namespace)
         namespace = lowered.get(written)
         if namespace is None:
             namespace = lowered[written] = share(written.lower(), written.lower())
@@ -285,7 +297,7 @@ def build_snapshot(
             lower = name.lower()
             names = named[name] = (name, share(lower, lower))
         name, lower = names
-        tags = s["tags"]
+        tags = get("tags")
         if tags:
             key_tags = tuple(tags)
             tag_set = tag_sets.get(key_tags)
@@ -294,14 +306,14 @@ def build_snapshot(
                                                                                   tags))
         else:
             tag_set = _NO_TAGS
-        address = s["address"]
+        address = get("address")
         own = address is not None
-        weights = s["weights"]
-        kind = s["kind"]
-        health = s["health"]
-        port = s["port"]
-        destination = s["destination"]
-        native = s["connect_native"]
+        weights = get("weights", default_weights)
+        kind = get("kind", "typical")
+        health = get("health", "passing")
+        port = get("port", 0)
+        destination = get("destination")
+        native = get("connect_native", False)
         # positional: this runs once per instance (300,000 times for a large catalog)
         inst = Instance(
             name, sid, node, namespace, address if own else node.address, own,
@@ -309,7 +321,7 @@ def build_snapshot(
             tag_set,
             share(health, health) if node.health == "passing" else _worst(health, node.health),
             weights.passing, weights.warning, share(kind, kind),
-            s["tagged_addresses"] if own else node.tagged,
+            get("tagged_addresses", _NO_ADDRESSES) if own else node.tagged,
             pack_address(address) if own else node.packed,
             destination.lower() if destination else "", native,
         )
@@ -334,7 +346,7 @@ def build_snapshot(
             connect[(*base, inst.service.lower())].append(inst)
             mesh.add((node.peer, node.partition, inst.namespace, inst.service.lower()))
         if kind == "ingress-gateway":
-            for exposed in s["ingress"]:
+            for exposed in get("ingress", ()):
                 ingress[(*base, exposed.lower())].append(inst)
     for inst in all_instances:  # imported services are mesh services (peering is mesh-only)
         if inst.peer and inst.kind == "typical":
@@ -418,7 +430,7 @@ def build_snapshot(
     # 300,000-entry set and dict would stall a serving event loop for ~100 ms. With no loop
     # to stall (the first load) it goes at once: one pop a call costs ~0.15 s at that size.
     for scaffold in (seen_ids, groups, connect, ingress, by_name, all_instances, shared,
-                     tag_sets, lowered, named):
+                     tag_sets, lowered, named, first_node):
         if not yielding:
             scaffold.clear()
             continue
@@ -707,7 +719,8 @@ class CatalogProblems(Exception):
 
 
 def _where(s: Mapping[str, Any]) -> str:
-    parts = [f"{k} {s[k]!r}" for k in ("datacenter", "peer", "partition") if s[k] is not None]
+    parts = [f"{k} {s.get(k)!r}" for k in ("datacenter", "peer", "partition")
+             if s.get(k) is not None]
     return (" in " + ", ".join(parts)) if parts else ""
 
 
