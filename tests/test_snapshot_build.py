@@ -149,3 +149,39 @@ def test_an_id_may_repeat_across_nodes_but_not_on_one() -> None:
     fine = build_snapshot(Catalog.model_validate({"nodes": NODES, "services": entries[:2]}),
                           local_datacenter="dc1")
     assert fine.counts["instances"] == 2
+
+
+def test_one_pass_json_reader_reports_what_the_stepwise_reader_reports(tmp_path: Path) -> None:
+    """The first load validates a good JSON file's services while parsing it
+    (model.CatalogFields); a file with a problem is read entry by entry as before, so each
+    problem reads the same, with its line, whichever reader met it. Entries past the model's
+    cross-field check (a proxy with no destination) pass the one-pass parse and are refused
+    by the build, with the model's own message."""
+    import pytest
+
+    from meshdns.catalog.model import CatalogFields
+    from meshdns.errors import ConfigError
+
+    bad = [
+        {"name": "proxy", "node": "n1", "kind": "connect-proxy"},
+        {"name": "web", "node": "n1", "port": 70000},
+        {"name": "web", "node": "n1", "extra": True},
+        {"name": "web", "node": "nowhere"},
+        {"name": "web", "node": "n1", "peer": "p", "datacenter": "dc2"},
+    ]
+    checked = 0
+    for entries in [[b] for b in bad] + [bad]:
+        path = tmp_path / "catalog.json"
+        path.write_text(json.dumps({"nodes": NODES, "services": _services() + entries},
+                                   indent=1))
+        with pytest.raises(ConfigError) as one_pass:
+            _load(path)
+        with pytest.raises(ConfigError) as stepwise:
+            _load(path, yielding=True)
+        assert one_pass.value.problems == stepwise.value.problems
+        assert len(one_pass.value.problems) == len(entries)
+        checked += 1
+    assert checked == 6
+    good = tmp_path / "good.json"
+    _write(good, _services())
+    assert isinstance(CatalogFields.model_validate_json(good.read_bytes()), CatalogFields)

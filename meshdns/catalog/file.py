@@ -30,7 +30,7 @@ from ..documents import (
 from ..errors import ConfigError
 from ..offload import in_thread
 from .checks import dangling_references, drop_refusal
-from .model import Catalog, CatalogFile, Service
+from .model import Catalog, CatalogFields, CatalogFile, Service
 from .snapshot import (
     CatalogProblems,
     Snapshot,
@@ -147,7 +147,12 @@ class ReadFailed(ConfigError):
 
 
 def _read_json(path: Path, raw: bytes) -> Catalog:
-    # pydantic parses JSON in Rust: several times faster than json.loads + model_validate
+    # pydantic parses JSON in Rust: several times faster than json.loads + model_validate;
+    # and a good file's services are validated in the same pass (model.CatalogFields)
+    try:
+        return CatalogFields.model_validate_json(raw)
+    except ValidationError:
+        pass  # (a bad file: each of its problems is found below, as for any file)
     try:
         return CatalogFile.model_validate_json(raw)
     except ValidationError as exc:
