@@ -97,6 +97,18 @@ class Responder:
         self.nxdomains = TopNames()
         self.reconfigure(config)
 
+    @property
+    def _random(self) -> random.Random:
+        """The answers' orders come from this (tests put a seeded one here)."""
+        return self._rng
+
+    @_random.setter
+    def _random(self, rng: random.Random) -> None:
+        self._rng = rng
+        for plain in (getattr(self, "udp_plain", None), getattr(self, "tcp_plain", None)):
+            if plain is not None:  # (its own reference, for the cold path's sake)
+                plain.random = rng.random
+
     def reconfigure(self, config: Config) -> None:
         """Answer by ``config`` from now on (TTLs, limits, SOA, domains, recursors, cache);
         cached replies, built under the old one, are dropped."""
