@@ -281,6 +281,8 @@ def build_snapshot(
         name = s["name"]
         sid = get("id") or name
         low_id = sid.lower()
+        if low_id == sid:
+            low_id = sid  # the instance's own string: no copy kept for the scaffold
         first = first_node.get(low_id)  # (most ids are on one node only: no pair to keep)
         if first is None:
             first_node[low_id] = node
