@@ -600,6 +600,10 @@ def versions(names: list[str]) -> dict[str, str]:
             out["meshdns"] = version("meshdns")
         except Exception:  # noqa: BLE001
             out["meshdns"] = "?"
+        # which UDP packet path the servers run (the compiled one, or the pure-Python fallback)
+        out["meshdns packet path"] = first_line(
+            [srv.project_python(), "-c",
+             "from meshdns.packets import compiled_module; print(compiled_module()[1])"])
     if "dnslib" in names:
         import dnslib
 
@@ -881,12 +885,15 @@ def main(argv: list[str] | None = None) -> int:
     goals = targets(rows)
     if goals:
         print("\ntargets (issue 12), this run:\n" + "\n".join(goals))
+    found = versions(args.server_list)
+    if "meshdns packet path" in found:
+        print(f"\nmeshdns UDP packet path: {found['meshdns packet path']}")
     result = {
         "meta": {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
             "cpus": os.cpu_count(),
-            "versions": versions(args.server_list),
+            "versions": found,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "workloads": {w: WORKLOADS[w].about for w in args.workload_list},
             "elapsed_s": round(time.monotonic() - t_start, 1),

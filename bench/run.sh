@@ -8,11 +8,14 @@ cd "$(dirname "$0")/.." || exit 1
 scripts/system-deps --bench || { echo "bench: scripts/system-deps --bench failed" >&2; exit 1; }
 
 # --- Python: the checkout's own .venv, as the README's other commands use ---------------------
-# (scripts/venv creates it and installs meshdns, dnslib included, into it; run again it is a
-# quick no-op pip check). The bench and every meshdns it starts run on that interpreter.
+# (scripts/venv creates it and installs meshdns, dnslib included, into it, building the compiled
+# packet path where gcc is; run again it does nothing unless pyproject.toml, setup.py or the C
+# source changed: so the servers never run an extension older than the checkout). The bench
+# and every meshdns it starts run on that interpreter.
+scripts/venv || { echo "bench: scripts/venv failed" >&2; exit 1; }
 if ! .venv/bin/python -c 'import meshdns.cli, dnslib' 2>/dev/null; then
-    echo "bench: installing meshdns into .venv (scripts/venv)"
-    scripts/venv || { echo "bench: scripts/venv failed" >&2; exit 1; }
+    echo "bench: meshdns or dnslib is missing from .venv after scripts/venv" >&2
+    exit 1
 fi
 
 # --- run, and leave nothing behind ---------------------------------------------------------------
