@@ -23,7 +23,7 @@ when ``fold_steps`` is walked (a ``/metrics`` scrape), never one by one on the p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from .catalog.source import Change
 from .metrics import Metrics
@@ -160,6 +160,10 @@ class ResponseCache:
         """Drop one entry (its hits counted)."""
         if key in self.entries:
             self._remove(key)
+
+    def tags(self) -> Collection[str | None]:
+        """The dependency tags of the entries held now (a live view: read it, keep nothing)."""
+        return self._tagged.keys()
 
     def invalidate(self, change: Change) -> int:
         """Drop what ``change`` may have made wrong; returns how many entries went."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,10 @@ class Responder:
         c = config.cache
         for cache in (self.udp_cache, self.tcp_cache):  # resized in place: the UDP path holds it
             cache.resize(c.size, c.max_bytes, c.enabled)
+
+    def cached_services(self) -> Collection[str | None]:
+        """The service names (lowercased) some cached answer depends on, either transport."""
+        return _Both(self.udp_cache.tags(), self.tcp_cache.tags())
 
     def swap(self, snapshot: Snapshot, change: Change = EVERYTHING) -> None:
         """Serve ``snapshot`` from now on (one assignment), dropping the cached replies that
@@ -393,6 +397,23 @@ class Responder:
             # the first turn picks the order a second ask starts at: no draw for one order
             cache.store(key, (reply[2:],), int(self._random.random() * MAX_ORDERS)
                         if more_orders else 0, counter_key, tag, data if more_orders else None)
+
+
+class _Both(Collection[str | None]):
+    """Two collections read as one, without copying either."""
+
+    def __init__(self, a: Collection[str | None], b: Collection[str | None]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.a or item in self.b
+
+    def __iter__(self) -> Iterator[str | None]:
+        yield from self.a
+        yield from (x for x in self.b if x not in self.a)
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)  # (at most: what both hold counts twice)
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

@@ -335,6 +335,11 @@ class DnsServer:
         self.responder.serving = False  # no data yet
         # a source that executes prepared queries itself (Consul) answers them
         self.responder.prepared = getattr(source, "prepared", None)
+        # a source that follows some services closer while they are asked (Consul's imported
+        # services) is told which have cached answers
+        follow = getattr(source, "follow_demand", None)
+        if follow is not None:
+            follow(self.responder.cached_services)
         self.transports: list[asyncio.BaseTransport] = []  # (or packets.CompiledUdp)
         self.packet_path = ""  # the UDP packet path serving, once started (packets.py)
         self.tcp_servers: list[asyncio.base_events.Server] = []

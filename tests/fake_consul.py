@@ -30,6 +30,8 @@ Index rules modelled (Consul ``agent/consul/state``):
   checks table; ``/v1/catalog/nodes``: the nodes table; config entries, namespaces, prepared
   queries: their tables.
 - Each datacenter has its own raft index; imported (peered) services live in the local one.
+  ``/v1/health/state/<st>`` ignores ``peer`` (as Consul's ``HealthChecksInState``, which does
+  not parse it): it answers the local checks whatever ``peer`` says.
 - ``restore_snapshot`` lowers the index (a raft snapshot restore): blocked queries return at
   once with the lower index; a query that then asks for an index above it blocks until the
   index passes it or the wait ends, as Consul's ``blockingQuery`` does.
@@ -1659,6 +1661,10 @@ class Api:
                 body = {"Node": st.node_json(d, node), "Services": services}
         elif m := re.fullmatch(r"/v1/health/state/(any|passing|warning|critical)", path):
             want = m.group(1)
+            # Consul's HealthChecksInState reads dc, ns, partition, node-meta, filter and near
+            # but not peer: ?peer= is ignored and the local checks are answered (imported
+            # services' checks are only in /v1/health/service/<s>?peer= and its kin)
+            peer = ""
             # an expression that does not compile is answered at once, before blocking
             keep = compile_filter(q["filter"], CHECK_FILTER_FIELDS) if "filter" in q else None
             index = await self._block(request, d, lambda: d.table("checks"))

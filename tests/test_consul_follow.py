@@ -6,11 +6,13 @@ fake, asks over the wire, changes the fake, and polls until the answer is the ne
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import pytest
@@ -18,6 +20,7 @@ import yaml
 from consul_e2e import (
     NOERROR,
     NXDOMAIN,
+    admin_get,
     answer,
     consul_config,
     converges,
@@ -491,8 +494,12 @@ def test_health_watch_follows_only_the_checks_not_passing(start_server,
     assert all(r["status"] == 200 for r in state if r["end"] is not None)  # not held ones
 
 
-def test_federated_and_peer_scopes_follow_the_same_filtered_checks(start_server,
-                                                                    fake: FakeConsul) -> None:
+def test_federated_scopes_follow_filtered_checks_and_peers_do_not(start_server,
+                                                                  fake: FakeConsul) -> None:
+    """A federated datacenter's checks are followed as the local ones (``dc=``). Consul's
+    /v1/health/state has no ``peer`` parameter (it would answer the local checks), so no
+    such watch is asked for a peer: its imported services' health comes through
+    /v1/health/service/<s>?peer= (see test_imported_services_health_is_followed_per_service)."""
     fake.add_datacenter("dc2")
     fake.register_node("m1", "10.2.0.1", dc="dc2")
     fake.register_service("web", "m1", id="web-dc2", dc="dc2", port=80)
@@ -508,10 +515,54 @@ def test_federated_and_peer_scopes_follow_the_same_filtered_checks(start_server,
     converges(server, "web.service.cluster-02.peer.consul", (NXDOMAIN, []))
     fake.set_service_health("web-c", "c02-n1", "passing", peer="cluster-02")
     converges(server, "web.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
-    scopes = {(q.get("dc", ""), q.get("peer", "")) for q in
-              (dict(r["query"]) for r in health_state_requests(fake))
+    queries = [dict(r["query"]) for r in health_state_requests(fake)]
+    scopes = {(q.get("dc", ""), q.get("peer", "")) for q in queries
               if q.get("filter") == NOT_PASSING}
-    assert {("", ""), ("dc2", ""), ("", "cluster-02")} <= scopes
+    assert {("", ""), ("dc2", "")} <= scopes
+    assert not [q for q in queries if "peer" in q]
+
+
+def _blocking_reads(fake: FakeConsul, path: str, **params: str) -> list[dict[str, Any]]:
+    return [r for r in fake.requests() if r["path"] == path and "index" in dict(r["query"])
+            and all(dict(r["query"]).get(k) == v for k, v in params.items())]
+
+
+def test_imported_services_health_is_followed_per_service(start_server,
+                                                          fake: FakeConsul) -> None:
+    """An imported service that is asked (its answers are cached) gets a blocking watch of
+    its own on /v1/health/service/<s>?peer=; one that is not is re-read by the sweep, so its
+    first answer after a change is already the new one."""
+    _peer_with_web(fake)
+    fake.register_service("ledger", "c02-n1", id="ledger-1", peer="cluster-02")
+    server = start_meshdns(start_server, fake.url, peers=["cluster-02"])
+    converges(server, "web.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+    assert wait_until(lambda: bool(_blocking_reads(fake, "/v1/health/service/web",
+                                                   peer="cluster-02")))
+    assert not _blocking_reads(fake, "/v1/health/service/ledger", peer="cluster-02")
+
+    def shown() -> list[str]:  # /v1/catalog's view is refreshed every second
+        return json.loads(admin_get(server, "/v1/catalog")[1])["state"]["detail"][
+            "imported_followed"]
+
+    assert wait_until(lambda: shown() == ["web (peer cluster-02, partition default, "
+                                          "namespace default)"]), shown()
+    assert metric(server, "meshdns_consul_imported_watches") == 1
+    fake.set_service_health("web-c", "c02-n1", "critical", peer="cluster-02")
+    converges(server, "web.service.cluster-02.peer.consul", (NXDOMAIN, []))
+    fake.set_service_health("web-c", "c02-n1", "passing", peer="cluster-02")
+    converges(server, "web.service.cluster-02.peer.consul", (NOERROR, ["10.102.0.1"]))
+
+    # Never asked: no watch of its own. After the change, the sweep re-reads it, and the
+    # first answer (nothing cached) is the new one.
+    fake.set_service_health("ledger-1", "c02-n1", "critical", peer="cluster-02")
+    fake.reset_log()  # from here on, every read of ledger sees the change
+    assert wait_until(lambda: any(
+        r["path"] == "/v1/health/service/ledger" and r["end"] is not None
+        and dict(r["query"]).get("peer") == "cluster-02" for r in fake.requests())), (
+        "the sweep never re-read an imported service that is not asked")
+    time.sleep(0.5)  # the read is applied within a flush
+    assert answer(server, "ledger.service.cluster-02.peer.consul") == (NXDOMAIN, [])
+    assert (metric(server, "meshdns_consul_imported_sweep_reads_total") or 0) > 0
 
 
 def test_checks_are_read_before_the_services_first_fetch(start_server,

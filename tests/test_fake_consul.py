@@ -415,6 +415,13 @@ def test_partitions_namespaces_and_peers(fake: FakeConsul) -> None:
     assert body[0]["Service"]["PeerName"] == "cluster-02"
     assert body[0]["Node"]["PeerName"] == "cluster-02"
     assert get(fake, "/v1/catalog/services?peer=cluster-02")[2] == {"pay": []}
+    # /v1/health/state takes no peer (Consul's HealthChecksInState does not parse it): the
+    # local checks are answered, never the imported ones
+    fake.set_service_health("pay-1", "c02-n1", "critical", peer="cluster-02")
+    fake.set_service_health("db", "n2", "critical")
+    for query in ("", "?peer=cluster-02"):
+        checks = get(fake, "/v1/health/state/critical" + query)[2]
+        assert [(c["CheckID"], c.get("PeerName", "")) for c in checks] == [("service:db", "")]
     peering = get(fake, "/v1/peerings")[2][0]
     assert peering["Name"] == "cluster-02" and peering["State"] == "ACTIVE"
     assert peering["StreamStatus"]["ImportedServices"] == ["pay"]

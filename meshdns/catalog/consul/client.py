@@ -127,6 +127,11 @@ class Limiter:
                 self.limit += 1
 
 
+def body_digest(raw: bytes) -> bytes:
+    """What a body is known by between reads (``ConsulClient.get``'s ``unless``)."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
 def fetch_pool_size(max_requests: int) -> int:
     """How many of ``max_requests`` go to the fetchers (the rest to blocking watches)."""
     return max(1, min(16, max_requests // 4))
@@ -268,7 +273,7 @@ class ConsulClient:
             raise ConsulError(path, status, f"HTTP {status}: {text or 'no detail'}")
         digest = b""
         if unless is not None:
-            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            digest = body_digest(raw)
             if digest == unless:
                 decode = False
         try:
@@ -310,5 +315,5 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["ConsulClient", "ConsulError", "Limiter", "Reply", "fetch_pool_size",
+__all__ = ["body_digest", "ConsulClient", "ConsulError", "Limiter", "Reply", "fetch_pool_size",
            "permission_for"]

@@ -29,17 +29,37 @@ scope is re-read whole, at most once per ``RESCAN_INTERVAL``, through the same f
 (bodies identical to the applied ones are not decoded). Agents register a new check as
 critical unless it says otherwise, so a new instance usually enters the set, and its own
 services are re-read at once.
+
+Cluster peers: ``/v1/health/state`` has no ``peer`` parameter (Consul answers the local checks
+whatever it says), so a peer scope has only its service-list watch (``?peer=``: imported
+services added or removed, tags; a same-body wake-up re-reads the scope as above), and the
+health of its imported services is followed per service through ``/v1/health/service/<s>
+?peer=``, in two bounded ways:
+
+- *demand*: an imported service whose answers sit in the response cache (the server says which
+  names do, ``follow_demand``) gets a blocking watch of its own, so a change to a service that
+  is being asked reaches DNS within one blocking return. Watches go to the blocking-lane slots
+  the scopes leave free (never more than ``max_requests`` in all); a service keeps its watch
+  ``DEMAND_HOLD`` seconds after its answers left the cache (a change drops them, and the next
+  ask brings them back);
+- *sweep*: every other imported service is re-read in turn, ``PEER_SWEEP_RATE`` a second at
+  most, a round at least every ``PEER_SWEEP_MIN`` seconds (bodies equal to the applied ones
+  are not decoded). A service asked for the first time answers from its last re-read, then from
+  its own watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
+
+from cachetools import TTLCache
 
 from ...config import Config
 from ...metrics import Family
@@ -56,7 +76,7 @@ from ..snapshot import (
 )
 from ..source import EVERYTHING, Change, Publish, SourceState
 from . import mapping
-from .client import ConsulClient, ConsulError, fetch_pool_size
+from .client import ConsulClient, ConsulError, body_digest, fetch_pool_size
 from .mapping import NOT_PASSING, Malformed, Scope
 from .queries import PreparedQueries
 from .watch import Backoff, Watch, WatchStats
@@ -69,6 +89,12 @@ POLL_WHEN_FULL = 5.0  # seconds between polls of a watch the blocking lane has n
 FLUSH_DELAY = 0.005  # results arriving within this are published as one snapshot
 RETRY_CAP = 5.0  # seconds between retries of a service whose fetch keeps failing
 STALE_LOG_EVERY = 60.0
+# Imported services (see "Cluster peers" above):
+PEER_SWEEP_RATE = 20.0  # re-reads per second at most by the sweep of every imported service
+PEER_SWEEP_MIN = 5.0  # seconds: the sweep's shortest round (a peer with few services)
+DEMAND_POLL = 1.0  # seconds between looks at which imported services have cached answers
+DEMAND_HOLD = 120.0  # seconds a service keeps its watch after its answers left the cache
+DEMAND_SPARE = 2  # blocking-lane slots left free for scopes the topology may add
 
 
 class ScopeWatch:
@@ -77,6 +103,7 @@ class ScopeWatch:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.names: dict[str, tuple[str, ...]] | None = None  # None: not read yet
+        self.lowered: dict[str, str] = {}  # lowercased name -> name, of ``names``
         self.node_services: dict[str, set[str]] = {}  # node name -> service names on it
         self.check_changes: list[int] = []  # indexes at which the checks changed (recent)
         self.tasks: list[asyncio.Task[None]] = []
@@ -144,6 +171,16 @@ class ConsulCatalogSource:
         self._lane_warned = False
         self._retries: dict[tuple[Scope, str], int] = {}  # failed fetches in a row
         self._denied_logged: set[str] = set()
+        # Imported services followed one by one (see "Cluster peers" above): how to tell which
+        # names have cached answers (the server's), the services wanted (until DEMAND_HOLD
+        # after they were last seen there) and the watches they have
+        self.demand: Callable[[], Collection[str | None]] | None = None
+        self.wanted: TTLCache[tuple[Scope, str], bool] = TTLCache(
+            maxsize=4096, ttl=DEMAND_HOLD, timer=time.monotonic)
+        self.followed: dict[tuple[Scope, str], tuple[asyncio.Task[None], Watch]] = {}
+        self.sweeps = 0  # re-reads the sweep of imported services asked for
+        self.follow_changes = 0  # changes the imported services' own watches brought
+        self._demand_warned = False
 
     # --- the CatalogSource protocol ------------------------------------------------------
 
@@ -162,6 +199,8 @@ class ConsulCatalogSource:
             for _ in range(self.settings.max_requests):
                 self._spawn(self._fetcher())
             self._spawn(self._watch_staleness())
+            self._spawn(self._follow_imported())
+            self._spawn(self._sweep_imported())
             await self._follow_topology()
         finally:
             for task in self._all_tasks():
@@ -173,6 +212,11 @@ class ConsulCatalogSource:
         """SIGHUP: read the topology again now (the watches follow everything else live)."""
         log.info("consul: %s: re-reading the topology", why)
         self._topology_changed.set()
+
+    def follow_demand(self, cached: Callable[[], Collection[str | None]]) -> None:
+        """How to tell which service names (lowercased) have answers in the response cache:
+        the imported services among them get blocking watches of their own."""
+        self.demand = cached
 
     def reconfigure(self, config: Config) -> list[str]:
         if config.catalog.consul != self.settings:
@@ -193,12 +237,14 @@ class ConsulCatalogSource:
         tasks += [t for t, _ in self.node_watches.values()]
         for items in self.config_watches.values():
             tasks += [t for t, _ in items]
+        tasks += [t for t, _ in self.followed.values()]
         return tasks
 
     def watches(self) -> list[Watch]:
         out = [w for sw in self.scopes.values() for w in sw.watches]
         out += [w for _, w in self.node_watches.values()]
         out += [w for items in self.config_watches.values() for _, w in items]
+        out += [w for _, w in self.followed.values()]
         return out
 
     def _watch(self, endpoint: str, params: dict[str, str], handler: Any, *,
@@ -421,6 +467,15 @@ class ConsulCatalogSource:
         assert self.client is not None
         sw = ScopeWatch(scope)
         params = scope.params(self.local_dc)
+        if scope.peer:  # no checks watch: see "Cluster peers" above
+            names = self._watch("/v1/catalog/services", params,
+                                lambda body: self._names_changed(sw, body),
+                                on_same=lambda index: self._unexplained(sw, index))
+            sw.watches = [names]
+            sw.tasks.append(asyncio.ensure_future(names.run()))
+            self.scopes[scope] = sw
+            log.debug("consul: watching %s", scope.describe())
+            return
         checks = self._watch("/v1/health/state/any", {**params, "filter": NOT_PASSING},
                              lambda bodies: self._checks_changed(sw, *bodies), raw=True)
         names = self._watch("/v1/catalog/services", params,
@@ -444,6 +499,8 @@ class ConsulCatalogSource:
         sw = self.scopes.pop(scope)
         for task in sw.tasks:
             task.cancel()
+        for item in [item for item in self.followed if item[0] == scope]:
+            self._unfollow(item)
         for name in sw.names or {}:
             self.pending[_key(scope, name)] = []
             self.digests.pop((scope, name), None)
@@ -454,6 +511,7 @@ class ConsulCatalogSource:
         names = mapping.service_names(body)
         old = sw.names
         sw.names = names
+        sw.lowered = {name.lower(): name for name in names}
         scope = sw.scope
         if old is None:  # the first read: fetch everything
             sw.initial = set(names)
@@ -469,6 +527,8 @@ class ConsulCatalogSource:
             self.pending[_key(scope, name)] = []
             self.digests.pop((scope, name), None)
             sw.initial.discard(name)
+            if (scope, name) in self.followed:
+                self._unfollow((scope, name))
             self._schedule_flush()
 
     def _checks_changed(self, sw: ScopeWatch, old: bytes | None, new: bytes) -> None:
@@ -570,14 +630,19 @@ class ConsulCatalogSource:
                 continue
             self._retries.pop((scope, name), None)
             self.fetches += 1
-            if self.scopes.get(scope) is not sw or name not in (sw.names or {}):
-                continue  # gone meanwhile
-            for inst in found:
-                sw.node_services.setdefault(inst.node.name, set()).add(name)
-            self.pending[_key(scope, name)] = found
-            self.digests[item] = reply.digest
+            self._apply(sw, name, found, reply.digest)
             self._fetched(sw, name)
-            self._schedule_flush()
+
+    def _apply(self, sw: ScopeWatch, name: str, found: list[Instance], digest: bytes) -> None:
+        """A service's instances as just read: into the next snapshot."""
+        scope = sw.scope
+        if self.scopes.get(scope) is not sw or name not in (sw.names or {}):
+            return  # gone meanwhile
+        for inst in found:
+            sw.node_services.setdefault(inst.node.name, set()).add(name)
+        self.pending[_key(scope, name)] = found
+        self.digests[(scope, name)] = digest
+        self._schedule_flush()
 
     def _retry(self, sw: ScopeWatch, name: str) -> None:
         """A fetch failed: the last good data stays, and the service is read again later
@@ -614,6 +679,109 @@ class ConsulCatalogSource:
             log.debug("consul: %d fetches at once (%s)", width,
                       "first reads" if width > pool else "following changes")
             self._spawn(self.client.fetch_limiter.resize(width))
+
+    # --- imported services: demand and sweep (see "Cluster peers" above) ----------------
+
+    async def _follow_imported(self) -> None:
+        while True:
+            await asyncio.sleep(DEMAND_POLL)
+            self._refresh_demand()
+
+    def _refresh_demand(self) -> None:
+        """Give watches to the imported services with cached answers, as the blocking lane
+        has room; take them from services no longer wanted."""
+        assert self.client is not None
+        wanted = self.wanted
+        cached = self.demand() if self.demand is not None else ()
+        if cached:
+            for sw in self.scopes.values():
+                if sw.scope.peer and sw.names:
+                    lowered = sw.lowered
+                    if len(cached) < len(lowered):
+                        found = [lowered[n] for n in cached if n in lowered]
+                    else:
+                        found = [name for low, name in lowered.items() if low in cached]
+                    for name in found:
+                        wanted[(sw.scope, name)] = True  # (again: held DEMAND_HOLD from now)
+        wanted.expire()
+        budget = max(0, self.client.limiter.maximum - self._blocking - DEMAND_SPARE)
+        keep = {item for item in self.followed if item in wanted and self._imported(item)}
+        if len(keep) > budget:
+            keep = set(sorted(keep, key=repr)[:budget])
+        for item in [item for item in self.followed if item not in keep]:
+            self._unfollow(item)
+        room = budget - len(self.followed)
+        left = 0
+        for item in list(wanted):
+            if item in self.followed or not self._imported(item):
+                continue
+            if room > 0:
+                self._follow(item)
+                room -= 1
+            else:
+                left += 1
+        if left and not self._demand_warned:
+            self._demand_warned = True
+            log.warning("consul: %d imported services with cached answers have no watch of "
+                        "their own (max_requests %d leaves room for %d): they are re-read by "
+                        "the sweep, %g a second", left, self.settings.max_requests, budget,
+                        PEER_SWEEP_RATE)
+
+    def _imported(self, item: tuple[Scope, str]) -> bool:
+        sw = self.scopes.get(item[0])
+        return sw is not None and item[1] in (sw.names or {})
+
+    def _follow(self, item: tuple[Scope, str]) -> None:
+        assert self.client is not None
+        scope, name = item
+        watch = Watch(self.client, "/v1/health/service/" + name, scope.params(self.local_dc),
+                      lambda bodies: self._followed_changed(item, bodies[1]), blocking=True,
+                      on_error=self._on_error(False), on_reply=self._reachable, raw=True)
+        self.followed[item] = (asyncio.ensure_future(watch.run()), watch)
+        log.debug("consul: %s in %s is asked: following it with its own watch", name,
+                  scope.describe())
+
+    def _unfollow(self, item: tuple[Scope, str]) -> None:
+        task, _ = self.followed.pop(item)
+        task.cancel()
+
+    def _followed_changed(self, item: tuple[Scope, str], raw: bytes) -> None:
+        """An imported service's own watch read a new body."""
+        scope, name = item
+        sw = self.scopes.get(scope)
+        if sw is None or name not in (sw.names or {}):
+            return
+        digest = body_digest(raw)
+        if digest == self.digests.get(item):
+            return  # what the snapshot holds already (its first read, mostly)
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError as exc:
+            raise Malformed(f"not JSON: {exc}") from None
+        found = mapping.instances(body, scope, self.interned)
+        self.follow_changes += 1
+        self._apply(sw, name, found, digest)
+
+    async def _sweep_imported(self) -> None:
+        """Re-read every imported service in turn, PEER_SWEEP_RATE a second at most, a round
+        at least every PEER_SWEEP_MIN seconds; not while Consul is unreachable (the retries
+        of what changed are enough then)."""
+        while True:
+            items = [(sw.scope, name) for sw in self.scopes.values()
+                     if sw.scope.peer and sw.synced for name in sw.names or ()]
+            if not items:
+                await asyncio.sleep(PEER_SWEEP_MIN)
+                continue
+            random.shuffle(items)
+            pace = max(PEER_SWEEP_MIN / len(items), 1 / PEER_SWEEP_RATE)
+            for item in items:
+                await asyncio.sleep(pace * (0.5 + random.random()))
+                if item in self.followed or not self._imported(item):
+                    continue
+                if self.state.failing_since is not None or self.queue.qsize() > 64:
+                    continue
+                self.sweeps += 1
+                self._enqueue(*item)
 
     # --- nodes and config entries ---------------------------------------------------------
 
@@ -840,6 +1008,9 @@ class ConsulCatalogSource:
             "fetches": self.fetches,
             "fetches_unchanged": self.fetches_same,
             "fetch_errors": self.fetch_errors,
+            "imported_followed": sorted(f"{name} ({scope.describe()})"
+                                        for scope, name in self.followed),
+            "imported_sweep_reads": self.sweeps,
             "stale_seconds": round(self.stale_seconds(), 3),
             "client": client,
             "topology": self.topology.as_json(),
@@ -878,6 +1049,12 @@ class ConsulCatalogSource:
             ("meshdns_consul_fetches_unchanged_total", "counter",
              "Re-reads whose body was the one already applied (not decoded).",
              [("", self.fetches_same)]),
+            ("meshdns_consul_imported_watches", "gauge",
+             "Imported (peer) services with cached answers followed by a watch of their own.",
+             [("", len(self.followed))]),
+            ("meshdns_consul_imported_sweep_reads_total", "counter",
+             "Re-reads of imported services by the sweep (their health has no scope watch).",
+             [("", self.sweeps)]),
             ("meshdns_consul_query_executions_total", "counter",
              "Prepared queries executed in Consul (results are held for their DNS TTL).",
              [("", self.prepared.executions)]),
