@@ -299,6 +299,30 @@ def change_latencies(fake: RemoteFake, asker: Asker, shape: Shape, candidates: l
     return out
 
 
+def imported_latencies(fake: RemoteFake, asker: Asker, peer_services: int, changes: int,
+                       timeout: float) -> list[float]:
+    """Imported services (one instance each) asked first, so each has its own watch (Consul's
+    /v1/health/state has no peer parameter), then turned critical one by one: seconds until
+    each answers NXDOMAIN."""
+    picks = random.sample(range(peer_services), min(changes, peer_services))
+    names = {i: f"imported-{i}.service.{PEER}.peer.consul" for i in picks}
+    for name in names.values():
+        if asker.rcode(name) != "NOERROR":
+            raise RuntimeError(f"{name} does not answer before its change")
+    time.sleep(2.5)  # the asked services get their watches within a second
+    peer_nodes = max(1, peer_services // 10)
+    out = []
+    for i in picks:
+        t0 = time.monotonic()
+        fake.batch([["set_service_health", [f"imported-{i}", f"peer-node-{i % peer_nodes}",
+                                            "critical"], {"peer": PEER}]])
+        wait_for(lambda name=names[i]: asker.rcode(name) == "NXDOMAIN", timeout,
+                 f"{names[i]} after its change", interval=0.001)
+        out.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    return out
+
+
 def churn_calls(shape: Shape, candidates: list[int], count: int) -> list[list[Any]]:
     """Health flips of one instance (passing <-> warning: answers unchanged, the fetch still
     happens)."""
@@ -427,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "max": round(max(lat) * 1000, 1), "n": len(lat)}
         result["requests_per_change"] = round(changed["requests"] / len(lat), 1)
         result["kb_per_change"] = round(changed["bytes"] / len(lat) / 1024, 1)
+        if args.peer_services:
+            lat = imported_latencies(fake, asker, args.peer_services, 20, args.change_timeout)
+            result["imported_change_to_answer_ms"] = {
+                "median": round(statistics.median(lat) * 1000, 1),
+                "p99": round(percentile(lat, 99) * 1000, 1), "n": len(lat)}
         names = [f"{service_name(i)}.service.consul" for i in candidates[:1000]]
         pids = {"meshdns": meshdns.pid, "fake": fake_proc.pid}
 
