@@ -16,7 +16,17 @@
    dropped and counted, as the pure path's error_received ignores it; when the socket's send
    buffer is full (EAGAIN) the queue is kept, `blocked` turns true and the caller waits for the
    socket to be writable and calls flush(): nothing already answered is lost, and no datagram
-   is read while replies wait. The file descriptor stays the caller's (a Python socket). */
+   is read while replies wait. The file descriptor stays the caller's (a Python socket).
+
+   With plain(responder), a miss is first tried here as responder.respond_uncached would answer
+   it through fastpath.PlainPath.respond, for its commonest case only: `<name>.service.<domain>`
+   A or AAAA, the whole packet a bare question (and at most an OPT without options), the
+   service's healthy local instances one, with an address of that family, and one TTL for every
+   service (PlainPath.fixed_heads). The reply is the same bytes, the same cache.store call and
+   the same query count PlainPath makes; anything else (or any doubt: an attribute of an
+   unexpected type, an error) goes to Python as before, which then decides the same way it
+   always did. The state is read from the responder on every miss (serving, snapshot,
+   udp_plain, udp_cache), so a snapshot swap or a reconfigure is seen at the next packet. */
 
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -79,7 +89,22 @@ typedef struct {
     int out_cap, out_head, out_count;
     long long queued_at; /* CLOCK_MONOTONIC ns when the queue last went from empty to not */
     int blocked;
+    /* plain(): the responder whose misses are tried here, and what was read off its
+       PlainPath (`plain_of`, held so its identity cannot be reused) */
+    PyObject *responder;
+    PyObject *plain_of;
+    int plain_ok; /* plain_of is a shape answered here */
+    PyObject *suffix, *dc, *partition, *heads[2], *counter_key, *counts, *cache;
+    int only_passing, ra, cache_enabled;
+    unsigned long long plain_answered;
+    PyObject *miss_key; /* the key of the miss being looked at (data[2:]) */
 } Reader;
+
+/* interned at import */
+static PyObject *str_serving, *str_snapshot, *str_services, *str_udp_plain, *str_udp_cache,
+    *str_packed, *str_store, *str_suffix, *str_dc, *str_partition, *str_only_passing,
+    *str_fixed_heads, *str_ra, *str_tcp, *str_counter_key, *str_metrics, *str_queries,
+    *str_enabled, *str_empty, *str_default, *int_a, *int_aaaa, *int_zero, *int_one;
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -291,14 +316,17 @@ answer_hit(Reader *self, int i, int *kind)
     if (key == NULL)
         return -1;
     PyObject *entry = PyDict_GetItemWithError(self->entries, key); /* borrowed */
-    Py_DECREF(key);
     *kind = KIND_OTHER;
     if (entry == NULL) {
-        if (PyErr_Occurred())
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
             return -1;
+        }
         *kind = KIND_MISS;
+        Py_XSETREF(self->miss_key, key); /* for answer_plain */
         return 0;
     }
+    Py_DECREF(key);
     if (Py_TYPE(entry) != self->cached_type || size < 2)
         return 0;
     PyObject *pending = SLOT(entry, self->off_pending);
@@ -330,6 +358,279 @@ answer_hit(Reader *self, int i, int *kind)
     return 1;
 }
 
+
+static void
+plain_clear(Reader *self)
+{
+    Py_CLEAR(self->plain_of);
+    Py_CLEAR(self->suffix);
+    Py_CLEAR(self->dc);
+    Py_CLEAR(self->partition);
+    Py_CLEAR(self->heads[0]);
+    Py_CLEAR(self->heads[1]);
+    Py_CLEAR(self->counter_key);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->cache);
+    self->plain_ok = 0;
+}
+
+/* Read what answer_plain needs off the responder's PlainPath `plain` (a new one after each
+   reconfigure). 0 done (plain_ok says whether its shape is answered here), -1 error. */
+static int
+plain_refresh(Reader *self, PyObject *plain)
+{
+    plain_clear(self);
+    Py_INCREF(plain);
+    self->plain_of = plain;
+    PyObject *tcp = PyObject_GetAttr(plain, str_tcp);
+    PyObject *heads = PyObject_GetAttr(plain, str_fixed_heads);
+    PyObject *only = PyObject_GetAttr(plain, str_only_passing);
+    PyObject *ra = PyObject_GetAttr(plain, str_ra);
+    PyObject *metrics = PyObject_GetAttr(plain, str_metrics);
+    PyObject *enabled = NULL;
+    int status = -1;
+    self->suffix = PyObject_GetAttr(plain, str_suffix);
+    self->dc = PyObject_GetAttr(plain, str_dc);
+    self->partition = PyObject_GetAttr(plain, str_partition);
+    self->counter_key = PyObject_GetAttr(plain, str_counter_key);
+    self->cache = PyObject_GetAttr(self->responder, str_udp_cache);
+    if (!tcp || !heads || !only || !ra || !metrics || !self->suffix || !self->dc
+        || !self->partition || !self->counter_key || !self->cache)
+        goto done;
+    self->counts = PyObject_GetAttr(metrics, str_queries);
+    enabled = PyObject_GetAttr(self->cache, str_enabled);
+    if (!self->counts || !enabled)
+        goto done;
+    status = 0;
+    if (tcp != Py_False || heads == Py_None || !PyDict_Check(heads)
+        || !PyBytes_CheckExact(self->suffix) || PyBytes_GET_SIZE(self->suffix) > 300
+        || !PyUnicode_CheckExact(self->dc) || !PyUnicode_CheckExact(self->partition)
+        || !PyTuple_CheckExact(self->counter_key) || !PyDict_Check(self->counts)
+        || !PyLong_CheckExact(ra) || (only != Py_True && only != Py_False)
+        || (enabled != Py_True && enabled != Py_False))
+        goto done; /* not a shape answered here: Python answers every miss */
+    for (int k = 0; k < 2; k++) {
+        PyObject *head = PyDict_GetItemWithError(heads, k ? int_aaaa : int_a);
+        if (head == NULL) {
+            if (PyErr_Occurred())
+                status = -1;
+            goto done;
+        }
+        if (!PyBytes_CheckExact(head) || PyBytes_GET_SIZE(head) != 12)
+            goto done;
+        Py_INCREF(head);
+        self->heads[k] = head;
+    }
+    self->ra = (int)PyLong_AsLong(ra);
+    if (self->ra == -1 && PyErr_Occurred()) {
+        status = -1;
+        goto done;
+    }
+    self->only_passing = only == Py_True;
+    self->cache_enabled = enabled == Py_True;
+    self->plain_ok = 1;
+done:
+    Py_XDECREF(tcp);
+    Py_XDECREF(heads);
+    Py_XDECREF(only);
+    Py_XDECREF(ra);
+    Py_XDECREF(metrics);
+    Py_XDECREF(enabled);
+    return status;
+}
+
+static inline unsigned char
+ascii_lower(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+}
+
+/* The miss of datagram `i` (its key in miss_key) answered as PlainPath.respond would, when
+   it is the shape done here: 1 answered, 0 not (Python answers it), -1 error. */
+static int
+answer_plain(Reader *self, int i)
+{
+    const unsigned char *data = self->buffers + (size_t)i * SLOT_BYTES;
+    Py_ssize_t size = self->in_msgs[i].msg_len;
+    /* the packet's shape first: nothing is looked up for most of what is not the case */
+    if (size < 17 || data[2] & 0xF8 || memcmp(data + 4, "\0\1\0\0\0\0", 6) != 0 || data[10]
+        || data[11] > 1)
+        return 0;
+    Py_ssize_t length = data[12];
+    if (length == 0 || length >= 64)
+        return 0;
+    PyObject *plain = PyObject_GetAttr(self->responder, str_udp_plain);
+    if (plain == NULL)
+        return -1;
+    if (plain != self->plain_of && plain_refresh(self, plain) < 0) {
+        Py_DECREF(plain);
+        return -1;
+    }
+    Py_DECREF(plain);
+    if (!self->plain_ok)
+        return 0;
+    Py_ssize_t end = 13 + length;
+    const unsigned char *suffix = (const unsigned char *)PyBytes_AS_STRING(self->suffix);
+    Py_ssize_t suffix_len = PyBytes_GET_SIZE(self->suffix);
+    Py_ssize_t tail = end + suffix_len, qend = tail + 4;
+    if (size < qend)
+        return 0;
+    for (Py_ssize_t k = 0; k < suffix_len; k++)
+        if (ascii_lower(data[end + k]) != suffix[k])
+            return 0;
+    char name[64];
+    for (Py_ssize_t k = 0; k < length; k++) {
+        unsigned char c = data[13 + k];
+        if (c >= 0x80 || c == '.')
+            return 0; /* not ASCII (PlainPath's decode fails), a dot inside the label */
+        name[k] = (char)ascii_lower(c);
+    }
+    if (name[0] == '_')
+        return 0;
+    if (data[tail] || data[tail + 2] != 0 || data[tail + 3] != 1)
+        return 0; /* class IN only */
+    int qtype = data[tail + 1], psize;
+    if (qtype == 1)
+        psize = 4;
+    else if (qtype == 28)
+        psize = 16;
+    else
+        return 0;
+    int edns_size = -1;
+    if (data[11]) { /* one OPT owned by the root, version 0, no options: 11 bytes */
+        if (size != qend + 11 || data[qend] || data[qend + 1] || data[qend + 2] != 0x29
+            || data[qend + 6] || data[qend + 9] || data[qend + 10])
+            return 0;
+        edns_size = data[qend + 3] << 8 | data[qend + 4];
+    } else if (size != qend) {
+        return 0;
+    }
+    PyObject *serving = PyObject_GetAttr(self->responder, str_serving);
+    if (serving == NULL)
+        return -1;
+    int is_serving = PyObject_IsTrue(serving);
+    Py_DECREF(serving);
+    if (is_serving <= 0)
+        return is_serving; /* (respond_uncached: the general path answers while not serving) */
+    int status = -1;
+    PyObject *snapshot = NULL, *services = NULL, *key = NULL, *group = NULL, *packed = NULL,
+             *body = NULL, *replies = NULL, *stored = NULL;
+    PyObject *sname = PyUnicode_DecodeASCII(name, length, NULL);
+    if (sname == NULL)
+        goto done;
+    snapshot = PyObject_GetAttr(self->responder, str_snapshot);
+    if (snapshot == NULL)
+        goto done;
+    services = PyObject_GetAttr(snapshot, str_services);
+    if (services == NULL)
+        goto done;
+    key = PyTuple_Pack(5, str_empty, self->dc, self->partition, str_default, sname);
+    if (key == NULL)
+        goto done;
+    if (PyDict_CheckExact(services)) {
+        group = PyDict_GetItemWithError(services, key);
+        if (group == NULL) {
+            status = PyErr_Occurred() ? -1 : 0;
+            goto done;
+        }
+        Py_INCREF(group);
+    } else {
+        group = PyObject_GetItem(services, key);
+        if (group == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError))
+                goto done;
+            PyErr_Clear();
+            status = 0;
+            goto done;
+        }
+    }
+    status = 0;
+    if (!PyTuple_Check(group) || PyTuple_GET_SIZE(group) < 2)
+        goto done;
+    PyObject *found = PyTuple_GET_ITEM(group, self->only_passing ? 1 : 0);
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 1)
+        goto done; /* none (failover, NXDOMAIN) or several (an order to draw): Python's */
+    packed = PyObject_GetAttr(PyTuple_GET_ITEM(found, 0), str_packed);
+    if (packed == NULL) {
+        status = -1;
+        goto done;
+    }
+    if (!PyBytes_CheckExact(packed) || PyBytes_GET_SIZE(packed) != psize)
+        goto done; /* a hostname or another family: tagged addresses, CNAMEs */
+    /* the reply after its ID: header, the question as asked, the record, the OPT */
+    Py_ssize_t question = qend - 12, opt_len = edns_size < 0 ? 0 : 11;
+    body = PyBytes_FromStringAndSize(NULL, 10 + question + 12 + psize + opt_len);
+    if (body == NULL) {
+        status = -1;
+        goto done;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(body);
+    int flags = 0x8400 | (data[2] & 0x01) << 8 | (data[3] & 0x10) | self->ra;
+    out[0] = (unsigned char)(flags >> 8);
+    out[1] = (unsigned char)flags;
+    memcpy(out + 2, "\0\1\0\1\0\0\0", 7);
+    out[9] = opt_len ? 1 : 0;
+    memcpy(out + 10, data + 12, (size_t)question);
+    unsigned char *p = out + 10 + question;
+    memcpy(p, PyBytes_AS_STRING(self->heads[qtype == 28]), 12);
+    memcpy(p + 12, PyBytes_AS_STRING(packed), (size_t)psize);
+    p += 12 + psize;
+    if (opt_len) {
+        int udp = edns_size < 512 ? 512 : edns_size;
+        p[0] = p[1] = 0;
+        p[2] = 0x29;
+        p[3] = (unsigned char)(udp >> 8);
+        p[4] = (unsigned char)udp;
+        p[5] = p[6] = 0;
+        p[7] = (data[qend + 7] & 0x80) ? 0x80 : 0; /* DO, echoed */
+        p[8] = p[9] = p[10] = 0;
+    }
+    if (queue_full(self) && (flush_queue(self), queue_full(self)))
+        goto done; /* no room to queue it (blocked): Python's reply will be dropped, counted */
+    if (self->cache_enabled) {
+        replies = PyTuple_Pack(1, body);
+        if (replies == NULL) {
+            status = -1;
+            goto done;
+        }
+        PyObject *args[] = {self->cache, self->miss_key, replies, int_zero, self->counter_key,
+                            sname, Py_None};
+        stored = PyObject_VectorcallMethod(str_store, args,
+                                           7, NULL);
+        if (stored == NULL) {
+            status = -1;
+            goto done;
+        }
+    }
+    /* metrics.queries[counter_key] += 1 (a Counter: a missing key counts 0) */
+    PyObject *count = PyDict_GetItemWithError(self->counts, self->counter_key);
+    if (count == NULL && PyErr_Occurred()) {
+        status = -1;
+        goto done;
+    }
+    PyObject *next = PyNumber_Add(count ? count : int_zero, int_one);
+    if (next == NULL || PyDict_SetItem(self->counts, self->counter_key, next) < 0) {
+        Py_XDECREF(next);
+        status = -1;
+        goto done;
+    }
+    Py_DECREF(next);
+    queue_reply(self, body, data, &self->in_addr[i], self->in_msgs[i].msg_hdr.msg_namelen);
+    self->plain_answered++;
+    status = 1;
+done:
+    Py_XDECREF(sname);
+    Py_XDECREF(snapshot);
+    Py_XDECREF(services);
+    Py_XDECREF(key);
+    Py_XDECREF(group);
+    Py_XDECREF(packed);
+    Py_XDECREF(body);
+    Py_XDECREF(replies);
+    Py_XDECREF(stored);
+    return status;
+}
+
 /* Serve the rest of the batch: the next datagram for Python, or None once the batch is done
    and its replies are sent. */
 static PyObject *
@@ -344,6 +645,16 @@ serve(Reader *self)
         int answered = answer_hit(self, i, &kind);
         if (answered < 0)
             return NULL; /* (MemoryError: that datagram goes unanswered) */
+        if (!answered && kind == KIND_MISS && self->responder != NULL) {
+            answered = answer_plain(self, i);
+            if (answered < 0) {
+                /* an error on the way (a failing store, say): Python answers this one and
+                   meets it again there, where it is logged as every packet's error is */
+                PyErr_Clear();
+                answered = 0;
+            }
+        }
+        Py_CLEAR(self->miss_key);
         if (!answered)
             return hand_over(self, i, kind);
     }
@@ -480,6 +791,18 @@ reader_free(Reader *self)
 }
 
 static PyObject *
+Reader_plain(Reader *self, PyObject *responder)
+{
+    plain_clear(self);
+    Py_CLEAR(self->responder);
+    if (responder != Py_None) {
+        Py_INCREF(responder);
+        self->responder = responder;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Reader_close(Reader *self, PyObject *Py_UNUSED(ignored))
 {
     reader_free(self);
@@ -572,6 +895,9 @@ Reader_dealloc(Reader *self)
     reader_free(self);
     Py_CLEAR(self->entries);
     Py_CLEAR(self->cached_type);
+    plain_clear(self);
+    Py_CLEAR(self->responder);
+    Py_CLEAR(self->miss_key);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -594,6 +920,9 @@ static PyMethodDef Reader_methods[] = {
      "while blocked; False when dropped (the queue is full)."},
     {"flush", (PyCFunction)Reader_flush, METH_NOARGS,
      "flush() -> bool\n\nSend what is queued; True when nothing is left."},
+    {"plain", (PyCFunction)Reader_plain, METH_O,
+     "plain(responder)\n\nTry misses here as responder.respond_uncached answers them through "
+     "its udp_plain (fastpath.PlainPath), for the one-instance case; None: never."},
     {"close", (PyCFunction)Reader_close, METH_NOARGS,
      "close()\n\nDrop the buffers and whatever is still queued (the socket is the caller's)."},
     {NULL, NULL, 0, NULL},
@@ -606,6 +935,8 @@ static PyMemberDef Reader_members[] = {
     {"send_errors", T_ULONGLONG, offsetof(Reader, send_errors), READONLY,
      "replies dropped: refused by the kernel (not EAGAIN), or no room while blocked"},
     {"batch", T_INT, offsetof(Reader, batch), READONLY, "datagrams per recvmmsg"},
+    {"plain_answered", T_ULONGLONG, offsetof(Reader, plain_answered), READONLY,
+     "misses answered here (see plain())"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -643,6 +974,25 @@ PyMODINIT_FUNC
 PyInit__udpbatch(void)
 {
     if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {{&str_serving, "serving"},         {&str_snapshot, "snapshot"},
+                 {&str_services, "services"},       {&str_udp_plain, "udp_plain"},
+                 {&str_udp_cache, "udp_cache"},     {&str_packed, "packed"},
+                 {&str_store, "store"},             {&str_suffix, "suffix"},
+                 {&str_dc, "dc"},                   {&str_partition, "partition"},
+                 {&str_only_passing, "only_passing"}, {&str_fixed_heads, "fixed_heads"},
+                 {&str_ra, "ra"},                   {&str_tcp, "tcp"},
+                 {&str_counter_key, "counter_key"}, {&str_metrics, "metrics"},
+                 {&str_queries, "queries"},         {&str_enabled, "enabled"},
+                 {&str_empty, ""},                  {&str_default, "default"}};
+    for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
+        if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
+            return NULL;
+    if ((int_a = PyLong_FromLong(1)) == NULL || (int_aaaa = PyLong_FromLong(28)) == NULL
+        || (int_zero = PyLong_FromLong(0)) == NULL || (int_one = PyLong_FromLong(1)) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&udpbatch_module);
     if (module == NULL)

@@ -3,7 +3,9 @@
 The compiled path reads datagrams in batches (one ``recvmmsg`` for up to BATCH of them),
 answers the cache hits in C and sends the replies of a batch together with one ``sendmmsg`` (no
 reply waits more than 0.2 ms for Python to make the others); whatever is
-not a plain hit is handed to the same Python code the pure path runs (``UdpProtocol.reply``),
+not a plain hit (nor the commonest miss, a one-instance ``<name>.service`` A/AAAA, which it
+answers as ``fastpath.PlainPath`` does) is handed to the same Python code the pure path runs
+(``UdpProtocol.reply``),
 one datagram at a time and in arrival order, so the replies are byte for byte the same
 (tests/test_packet_path.py). The pure path is asyncio's datagram transport and
 ``UdpProtocol.datagram_received``. ``MESHDNS_PURE_PYTHON=1`` chooses the pure path even where
@@ -54,13 +56,15 @@ class CompiledUdp:
     def __init__(self, module: ModuleType, sock: socket.socket, entries: dict[bytes, Cached],
                  answer: Callable[[bytes, tuple, bytes | None], bytes | None],
                  observe: Callable[[float], None], rebuild_after: int,
-                 sample_every: int) -> None:
+                 sample_every: int, responder: Any = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.answer = answer  # (data, address, cache key of a miss or None) -> reply or None
         self.observe = observe
         self.reader: Any = module.Reader(self.fd, entries, Cached, rebuild_after,
                                          sample_every, BATCH)
+        if responder is not None:  # the one-instance plain miss in C too (see _udpbatch.c)
+            self.reader.plain(responder)
         self._miss, self._sampled = module.MISS, module.SAMPLED
         self.loop = asyncio.get_running_loop()
         self.closing = False

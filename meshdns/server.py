@@ -396,7 +396,7 @@ class DnsServer:
                 try:
                     listener = CompiledUdp(compiled, udp_sock, self.responder.udp_cache.entries,
                                            protocol.reply, self.metrics.observe, REBUILD_AFTER,
-                                           SAMPLE_EVERY)
+                                           SAMPLE_EVERY, self.responder)
                 except (AttributeError, TypeError, ValueError, OSError) as exc:
                     # an extension out of step with cache.Cached, a socket it cannot serve
                     compiled, self.packet_path = None, f"pure Python (the extension refused: {exc})"

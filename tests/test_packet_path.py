@@ -117,6 +117,12 @@ def differential_catalog(path: Path) -> Path:
     doc["nodes"] += [{"name": f"big-node-{i}", "address": f"10.9.0.{i + 1}"} for i in range(30)]
     doc["services"] += [{"name": "big", "node": f"big-node-{i}", "port": 9000 + i}
                         for i in range(30)]
+    # one instance each: the miss the compiled path answers itself (IPv4, IPv6, a hostname)
+    doc["nodes"] += [{"name": f"solo-node-{i}", "address": f"10.8.0.{i + 1}"} for i in range(20)]
+    doc["services"] += [{"name": f"solo-{i}", "node": f"solo-node-{i}", "port": 80}
+                        for i in range(20)]
+    doc["services"] += [{"name": "solo-v6", "node": "solo-node-0", "address": "fd00::8"},
+                        {"name": "solo-host", "node": "solo-node-1", "address": "db.example.org"}]
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -161,6 +167,22 @@ def bursts() -> list[list[bytes]]:
     # the same misses again (hits now), interleaved with first asks
     out.append([q(name) for name in names] + [q(f"again-{i}.service.consul") for i in range(10)]
                + [q(name) for name in names])
+    # one-instance misses, answered in C on the compiled path: A and AAAA (of an IPv4 and an
+    # IPv6 service: one answers, one is NOERROR with nothing), no EDNS, EDNS of every size
+    # (under 512, DO set), the name in any case; a hostname instance and names it must leave
+    # alone (another partition, a tag, a dot in the label)
+    solo = []
+    for i in range(20):
+        edns = (None, 0, 1232, 4096, 65535)[i % 5]
+        solo.append(q(f"solo-{i}.service.consul", ("A", "AAAA")[i % 2], edns=edns))
+        solo.append(q(f"SOLO-{i}.SERVICE.consul", edns=1232))
+    do = dns.message.make_query("solo-3.service.consul", "A", want_dnssec=True, payload=1400)
+    do.id = next(ids)
+    solo += [do.to_wire(), q("solo-v6.service.consul", "AAAA"), q("solo-v6.service.consul"),
+             q("solo-host.service.consul"), q("solo-host.service.consul", "AAAA"),
+             q("api.service.part-2.ap.consul"), q("v1.solo-1.service.consul"),
+             q("solo-5.service.consul", "AAAA", edns=100)]
+    out.append(solo + solo[:10])  # and again: hits now
     # not a plain query: answered, never cached (padding), so never a hit either
     padded = [dns.edns.GenericOption(dns.edns.OptionType.PADDING, b"\0" * 40)]
     out.append([q("web.service.consul", edns=1232, options=padded) for _ in range(10)])
@@ -248,6 +270,7 @@ def test_compiled_and_pure_paths_reply_byte_for_byte(
     # it was the C code that answered the hits, in batches, and rotated the orders
     reader = compiled.transports[0].reader  # type: ignore[attr-defined]
     assert reader.hits > 400 and reader.received > reader.hits
+    assert reader.plain_answered >= 30  # the one-instance misses, answered in C
     web = exchange(loop, compiled.bound[0][1], [query("web.service.consul")] * 8, 8)
     assert len(set(web)) > 1, "answers not rotated"
     exchange(loop, pure.bound[0][1], [query("web.service.consul")] * 8, 8)
