@@ -63,7 +63,8 @@ class CompiledUdp:
         self.observe = observe
         self.reader: Any = module.Reader(self.fd, entries, Cached, rebuild_after,
                                          sample_every, BATCH)
-        if responder is not None:  # the one-instance plain miss in C too (see _udpbatch.c)
+        # the one-instance plain miss in C too (see _udpbatch.c; an older build lacks it)
+        if responder is not None and hasattr(self.reader, "plain"):
             self.reader.plain(responder)
         self._miss, self._sampled = module.MISS, module.SAMPLED
         self.loop = asyncio.get_running_loop()
