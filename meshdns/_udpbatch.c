@@ -527,23 +527,16 @@ answer_plain(Reader *self, int i)
     key = PyTuple_Pack(5, str_empty, self->dc, self->partition, str_default, sname);
     if (key == NULL)
         goto done;
-    if (PyDict_CheckExact(services)) {
-        group = PyDict_GetItemWithError(services, key);
-        if (group == NULL) {
-            status = PyErr_Occurred() ? -1 : 0;
-            goto done;
-        }
-        Py_INCREF(group);
-    } else {
-        group = PyObject_GetItem(services, key);
-        if (group == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError))
-                goto done;
-            PyErr_Clear();
-            status = 0;
-            goto done;
-        }
+    if (!PyDict_CheckExact(services)) {
+        status = 0; /* (a mapping of another kind: Python's .get decides) */
+        goto done;
     }
+    group = PyDict_GetItemWithError(services, key);
+    if (group == NULL) {
+        status = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    Py_INCREF(group);
     status = 0;
     if (!PyTuple_Check(group) || PyTuple_GET_SIZE(group) < 2)
         goto done;
@@ -587,7 +580,7 @@ answer_plain(Reader *self, int i)
     }
     if (queue_full(self) && (flush_queue(self), queue_full(self)))
         goto done; /* no room to queue it (blocked): Python's reply will be dropped, counted */
-    if (self->cache_enabled) {
+    {   /* (store keeps nothing while the cache is disabled, as on Python's path) */
         replies = PyTuple_Pack(1, body);
         if (replies == NULL) {
             status = -1;
@@ -615,7 +608,9 @@ answer_plain(Reader *self, int i)
         goto done;
     }
     Py_DECREF(next);
-    queue_reply(self, body, data, &self->in_addr[i], self->in_msgs[i].msg_hdr.msg_namelen);
+    if (queue_reply(self, body, data, &self->in_addr[i],
+                    self->in_msgs[i].msg_hdr.msg_namelen) < 0)
+        self->send_errors++; /* (as Reader_next counts a reply the full queue refuses) */
     self->plain_answered++;
     status = 1;
 done:
@@ -650,6 +645,8 @@ serve(Reader *self)
             if (answered < 0) {
                 /* an error on the way (a failing store, say): Python answers this one and
                    meets it again there, where it is logged as every packet's error is */
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    return NULL;
                 PyErr_Clear();
                 answered = 0;
             }
@@ -806,6 +803,10 @@ static PyObject *
 Reader_close(Reader *self, PyObject *Py_UNUSED(ignored))
 {
     reader_free(self);
+    /* the responder holds, through its source, what holds this reader: let go of it */
+    plain_clear(self);
+    Py_CLEAR(self->responder);
+    Py_CLEAR(self->miss_key);
     Py_RETURN_NONE;
 }
 
