@@ -25,8 +25,10 @@
    service (PlainPath.fixed_heads). The reply is the same bytes, the same cache.store call and
    the same query count PlainPath makes; anything else (or any doubt: an attribute of an
    unexpected type, an error) goes to Python as before, which then decides the same way it
-   always did. The state is read from the responder on every miss (serving, snapshot,
-   udp_plain, udp_cache), so a snapshot swap or a reconfigure is seen at the next packet. */
+   always did. The responder's serving, snapshot and udp_plain are read on every miss, and
+   what PlainPath holds (and the udp_cache, never replaced) again whenever udp_plain is a new
+   one, so a snapshot swap or a reconfigure is seen at the next packet. store() itself keeps
+   nothing while the cache is disabled, as on Python's path. */
 
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -95,7 +97,7 @@ typedef struct {
     PyObject *plain_of;
     int plain_ok; /* plain_of is a shape answered here */
     PyObject *suffix, *dc, *partition, *heads[2], *counter_key, *counts, *cache;
-    int only_passing, ra, cache_enabled;
+    int only_passing, ra;
     unsigned long long plain_answered;
     PyObject *miss_key; /* the key of the miss being looked at (data[2:]) */
 } Reader;
@@ -104,7 +106,7 @@ typedef struct {
 static PyObject *str_serving, *str_snapshot, *str_services, *str_udp_plain, *str_udp_cache,
     *str_packed, *str_store, *str_suffix, *str_dc, *str_partition, *str_only_passing,
     *str_fixed_heads, *str_ra, *str_tcp, *str_counter_key, *str_metrics, *str_queries,
-    *str_enabled, *str_empty, *str_default, *int_a, *int_aaaa, *int_zero, *int_one;
+    *str_empty, *str_default, *int_a, *int_aaaa, *int_zero, *int_one;
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -387,7 +389,6 @@ plain_refresh(Reader *self, PyObject *plain)
     PyObject *only = PyObject_GetAttr(plain, str_only_passing);
     PyObject *ra = PyObject_GetAttr(plain, str_ra);
     PyObject *metrics = PyObject_GetAttr(plain, str_metrics);
-    PyObject *enabled = NULL;
     int status = -1;
     self->suffix = PyObject_GetAttr(plain, str_suffix);
     self->dc = PyObject_GetAttr(plain, str_dc);
@@ -398,16 +399,14 @@ plain_refresh(Reader *self, PyObject *plain)
         || !self->partition || !self->counter_key || !self->cache)
         goto done;
     self->counts = PyObject_GetAttr(metrics, str_queries);
-    enabled = PyObject_GetAttr(self->cache, str_enabled);
-    if (!self->counts || !enabled)
+    if (!self->counts)
         goto done;
     status = 0;
     if (tcp != Py_False || heads == Py_None || !PyDict_Check(heads)
         || !PyBytes_CheckExact(self->suffix) || PyBytes_GET_SIZE(self->suffix) > 300
         || !PyUnicode_CheckExact(self->dc) || !PyUnicode_CheckExact(self->partition)
         || !PyTuple_CheckExact(self->counter_key) || !PyDict_Check(self->counts)
-        || !PyLong_CheckExact(ra) || (only != Py_True && only != Py_False)
-        || (enabled != Py_True && enabled != Py_False))
+        || !PyLong_CheckExact(ra) || (only != Py_True && only != Py_False))
         goto done; /* not a shape answered here: Python answers every miss */
     for (int k = 0; k < 2; k++) {
         PyObject *head = PyDict_GetItemWithError(heads, k ? int_aaaa : int_a);
@@ -427,7 +426,6 @@ plain_refresh(Reader *self, PyObject *plain)
         goto done;
     }
     self->only_passing = only == Py_True;
-    self->cache_enabled = enabled == Py_True;
     self->plain_ok = 1;
 done:
     Py_XDECREF(tcp);
@@ -435,7 +433,6 @@ done:
     Py_XDECREF(only);
     Py_XDECREF(ra);
     Py_XDECREF(metrics);
-    Py_XDECREF(enabled);
     return status;
 }
 
@@ -987,7 +984,7 @@ PyInit__udpbatch(void)
                  {&str_only_passing, "only_passing"}, {&str_fixed_heads, "fixed_heads"},
                  {&str_ra, "ra"},                   {&str_tcp, "tcp"},
                  {&str_counter_key, "counter_key"}, {&str_metrics, "metrics"},
-                 {&str_queries, "queries"},         {&str_enabled, "enabled"},
+                 {&str_queries, "queries"},
                  {&str_empty, ""},                  {&str_default, "default"}};
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
         if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +131,7 @@ class Responder:
         for cache in (self.udp_cache, self.tcp_cache):  # resized in place: the UDP path holds it
             cache.resize(c.size, c.max_bytes, c.enabled)
 
-    def cached_services(self) -> Collection[str | None]:
+    def cached_services(self) -> Container[str | None]:
         """The service names (lowercased) some cached answer depends on, either transport."""
         return _Both(self.udp_cache.tags(), self.tcp_cache.tags())
 
@@ -399,21 +399,14 @@ class Responder:
                         if more_orders else 0, counter_key, tag, data if more_orders else None)
 
 
-class _Both(Collection[str | None]):
-    """Two collections read as one, without copying either."""
+class _Both(Container[str | None]):
+    """Two containers asked as one, without copying either."""
 
-    def __init__(self, a: Collection[str | None], b: Collection[str | None]) -> None:
+    def __init__(self, a: Container[str | None], b: Container[str | None]) -> None:
         self.a, self.b = a, b
 
     def __contains__(self, item: object) -> bool:
         return item in self.a or item in self.b
-
-    def __iter__(self) -> Iterator[str | None]:
-        yield from self.a
-        yield from (x for x in self.b if x not in self.a)
-
-    def __len__(self) -> int:
-        return len(self.a) + len(self.b)  # (at most: what both hold counts twice)
 
 
 _RCODE_NAMES = {NOERROR: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",

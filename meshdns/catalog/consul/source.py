@@ -56,7 +56,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 from cachetools import TTLCache
@@ -103,7 +103,6 @@ class ScopeWatch:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.names: dict[str, tuple[str, ...]] | None = None  # None: not read yet
-        self.lowered: dict[str, str] = {}  # lowercased name -> name, of ``names``
         self.node_services: dict[str, set[str]] = {}  # node name -> service names on it
         self.check_changes: list[int] = []  # indexes at which the checks changed (recent)
         self.tasks: list[asyncio.Task[None]] = []
@@ -174,12 +173,11 @@ class ConsulCatalogSource:
         # Imported services followed one by one (see "Cluster peers" above): how to tell which
         # names have cached answers (the server's), the services wanted (until DEMAND_HOLD
         # after they were last seen there) and the watches they have
-        self.demand: Callable[[], Collection[str | None]] | None = None
+        self.demand: Callable[[], Container[str | None]] | None = None
         self.wanted: TTLCache[tuple[Scope, str], bool] = TTLCache(
             maxsize=4096, ttl=DEMAND_HOLD, timer=time.monotonic)
         self.followed: dict[tuple[Scope, str], tuple[asyncio.Task[None], Watch]] = {}
         self.sweeps = 0  # re-reads the sweep of imported services asked for
-        self.follow_changes = 0  # changes the imported services' own watches brought
         self._demand_warned = False
 
     # --- the CatalogSource protocol ------------------------------------------------------
@@ -213,7 +211,7 @@ class ConsulCatalogSource:
         log.info("consul: %s: re-reading the topology", why)
         self._topology_changed.set()
 
-    def follow_demand(self, cached: Callable[[], Collection[str | None]]) -> None:
+    def follow_demand(self, cached: Callable[[], Container[str | None]]) -> None:
         """How to tell which service names (lowercased) have answers in the response cache:
         the imported services among them get blocking watches of their own."""
         self.demand = cached
@@ -467,31 +465,25 @@ class ConsulCatalogSource:
         assert self.client is not None
         sw = ScopeWatch(scope)
         params = scope.params(self.local_dc)
-        if scope.peer:  # no checks watch: see "Cluster peers" above
-            names = self._watch("/v1/catalog/services", params,
-                                lambda body: self._names_changed(sw, body),
-                                on_same=lambda index: self._unexplained(sw, index))
-            sw.watches = [names]
-            sw.tasks.append(asyncio.ensure_future(names.run()))
-            self.scopes[scope] = sw
-            log.debug("consul: watching %s", scope.describe())
-            return
-        checks = self._watch("/v1/health/state/any", {**params, "filter": NOT_PASSING},
-                             lambda bodies: self._checks_changed(sw, *bodies), raw=True)
         names = self._watch("/v1/catalog/services", params,
                             lambda body: self._names_changed(sw, body),
                             on_same=lambda index: self._unexplained(sw, index))
-        sw.watches = [names, checks]
+        if scope.peer:  # no checks watch: see "Cluster peers" above
+            sw.watches = [names]
+            sw.tasks.append(asyncio.ensure_future(names.run()))
+        else:
+            checks = self._watch("/v1/health/state/any", {**params, "filter": NOT_PASSING},
+                                 lambda bodies: self._checks_changed(sw, *bodies), raw=True)
+            sw.watches = [names, checks]
 
-        async def run() -> None:
-            check_task = asyncio.ensure_future(checks.run())
-            sw.tasks.append(check_task)
-            # the checks first: a change between the services' first fetch and the checks'
-            # first read would otherwise go unseen
-            await checks.first_read.wait()
-            await names.run()
+            async def run() -> None:
+                sw.tasks.append(asyncio.ensure_future(checks.run()))
+                # the checks first: a change between the services' first fetch and the
+                # checks' first read would otherwise go unseen
+                await checks.first_read.wait()
+                await names.run()
 
-        sw.tasks.append(asyncio.ensure_future(run()))
+            sw.tasks.append(asyncio.ensure_future(run()))
         self.scopes[scope] = sw
         log.debug("consul: watching %s", scope.describe())
 
@@ -511,7 +503,6 @@ class ConsulCatalogSource:
         names = mapping.service_names(body)
         old = sw.names
         sw.names = names
-        sw.lowered = {name.lower(): name for name in names}
         scope = sw.scope
         if old is None:  # the first read: fetch everything
             sw.initial = set(names)
@@ -693,15 +684,10 @@ class ConsulCatalogSource:
         assert self.client is not None
         wanted = self.wanted
         cached = self.demand() if self.demand is not None else ()
-        if cached:
-            for sw in self.scopes.values():
-                if sw.scope.peer and sw.names:
-                    lowered = sw.lowered
-                    if len(cached) < len(lowered):
-                        found = [lowered[n] for n in cached if n in lowered]
-                    else:
-                        found = [name for low, name in lowered.items() if low in cached]
-                    for name in found:
+        for sw in self.scopes.values():
+            if sw.scope.peer:
+                for name in sw.names or ():
+                    if name.lower() in cached:  # (the cache's tags are lowercased names)
                         wanted[(sw.scope, name)] = True  # (again: held DEMAND_HOLD from now)
         wanted.expire()
         budget = max(0, self.client.limiter.maximum - self._blocking - DEMAND_SPARE)
@@ -747,10 +733,9 @@ class ConsulCatalogSource:
 
     def _followed_changed(self, item: tuple[Scope, str], raw: bytes) -> None:
         """An imported service's own watch read a new body."""
-        scope, name = item
-        sw = self.scopes.get(scope)
-        if sw is None or name not in (sw.names or {}):
+        if not self._imported(item):
             return
+        scope, name = item
         digest = body_digest(raw)
         if digest == self.digests.get(item):
             return  # what the snapshot holds already (its first read, mostly)
@@ -758,9 +743,8 @@ class ConsulCatalogSource:
             body = json.loads(raw) if raw.strip() else None
         except ValueError as exc:
             raise Malformed(f"not JSON: {exc}") from None
-        found = mapping.instances(body, scope, self.interned)
-        self.follow_changes += 1
-        self._apply(sw, name, found, digest)
+        self._apply(self.scopes[scope], name, mapping.instances(body, scope, self.interned),
+                    digest)
 
     async def _sweep_imported(self) -> None:
         """Re-read every imported service in turn, PEER_SWEEP_RATE a second at most, a round
