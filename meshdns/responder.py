@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,10 @@ class Responder:
         self._random = random.Random()
         # the most asked NXDOMAIN names (the status page): fed on the miss path only
         self.nxdomains = TopNames()
+        # answer orders to make (see cached_reply): (tcp, key) -> the entry they are for, and
+        # what to call when the queue stops being empty (None: make them at once instead)
+        self._refresh: dict[tuple[bool, bytes], Cached] = {}
+        self.defer: Callable[[], None] | None = None
         self.reconfigure(config)
 
     @property
@@ -162,15 +166,63 @@ class Responder:
         return self._respond_general(data, tcp, cache, key)
 
     def cached_reply(self, entry: Cached, cache: ResponseCache, key: bytes) -> bytes:
-        """The next order of a cached reply (without its ID)."""
-        if entry.pending:  # asked again: now it pays to have every order ready
-            cache.expand(key, entry, self._all_orders(entry.pending, cache is self.tcp_cache,
-                                                      cache.room_for(len(entry.replies[0]))))
+        """The next order of a cached reply (without its ID). A reply asked a second time
+        gets its other answer orders, and one hit REBUILD_AFTER times fresh random ones: at
+        once when no one runs ``refresh_steps`` (``defer`` None), else queued for it, the
+        orders made so far served meanwhile (16 orders of a 20-record SRV reply take ~2 ms to
+        encode: in one go that stalls every query behind them)."""
         turn = entry.turn
+        if entry.pending:  # asked again: now it pays to have every order ready
+            if self.defer is None:
+                cache.expand(key, entry, self._all_orders(entry.pending, cache is self.tcp_cache,
+                                                          cache.room_for(len(entry.replies[0]))))
+            else:
+                self._queue_refresh(cache, key, entry)
+        elif turn - entry.start >= REBUILD_AFTER:  # fresh random orders now and then
+            if len(entry.replies) == 1:  # one order: nothing to draw again
+                entry.start = turn
+            elif self.defer is None:
+                cache.pop(key)
+            else:
+                entry.start = turn
+                self._queue_refresh(cache, key, entry)
         entry.turn = turn + 1
-        if turn - entry.start >= REBUILD_AFTER:  # fresh random orders now and then
-            cache.pop(key)
-        return entry.replies[turn % len(entry.replies)]
+        replies = entry.replies
+        return replies[turn % len(replies)]
+
+    def _queue_refresh(self, cache: ResponseCache, key: bytes, entry: Cached) -> None:
+        job = (cache is self.tcp_cache, key)
+        if job not in self._refresh:
+            self._refresh[job] = entry
+            if len(self._refresh) == 1:
+                self.defer()  # type: ignore[misc]
+
+    def refresh_steps(self) -> Iterator[None]:
+        """Make the answer orders queued by ``cached_reply``, one order per step: the server
+        walks this between packets. An entry that left the cache meanwhile (a snapshot swap, a
+        reload, eviction) is dropped from the queue, its orders unused."""
+        refresh = self._refresh
+        while refresh:
+            (tcp, key), entry = next(iter(refresh.items()))
+            cache = self.tcp_cache if tcp else self.udp_cache
+            try:  # (an error leaves this job out of the queue: the next one still runs)
+                if cache.entries.get(key) is not entry:
+                    continue
+                replies: list[bytes] = []
+                for reply in self._orders_steps(entry.pending or b"\0\0" + key, tcp,
+                                                cache.room_for(len(entry.replies[0]))):
+                    if reply is None:
+                        break  # (no answer any more: the entry goes with the next change)
+                    replies.append(reply)
+                    yield
+                    if cache.entries.get(key) is not entry:
+                        break
+                else:
+                    if replies:
+                        cache.expand(key, entry, tuple(replies))
+                        entry.start = entry.turn
+            finally:
+                refresh.pop((tcp, key), None)
 
     def fold_steps(self) -> Iterator[None]:
         """Count every cached reply's hits into the metrics, a step at a time (see
@@ -364,15 +416,28 @@ class Responder:
         """The reply in up to MAX_ORDERS answer orders (and at most ``room``): rotations of
         one random order, so every record takes its turn first (what round-robin clients
         rely on)."""
+        replies = tuple(reply for reply in self._orders_steps(data, tcp, room))
+        assert None not in replies  # it was answered a moment ago from the same snapshot
+        return replies  # type: ignore[return-value]
+
+    def _orders_steps(self, data: bytes, tcp: bool, room: int) -> Iterator[bytes | None]:
+        """``_all_orders``, one order (without its ID) at a time; None when the question has no
+        answer now."""
         question = parse_query(data)
         answer, _ = self.answer(question)
-        assert answer is not None  # it was answered a moment ago from the same snapshot
+        if answer is None:
+            yield None
+            return
         count = len(answer.answers)
         base = list(range(count))
         self._random.shuffle(base)
         n = max(1, min(count, MAX_ORDERS, room))
-        orders = [base[i * count // n:] + base[: i * count // n] for i in range(n)]
-        return tuple(reply[2:] for reply in self._render(question, answer, tcp, orders))
+        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
+                            self.config.dns.enable_truncate, self.max_udp_size)
+        flags = reply_flags(question.flags, answer.rcode, answer.authoritative, self.recursion)
+        for i in range(n):
+            cut = i * count // n
+            yield encode(question, answer, base[cut:] + base[:cut], limits, flags)[2:]
 
     def render(self, question: Question, answer: Answer, tcp: bool) -> bytes:
         """The reply (ID 0) the server sends for ``answer``, records in resolution order: what

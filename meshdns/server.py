@@ -340,6 +340,8 @@ class DnsServer:
         follow = getattr(source, "follow_demand", None)
         if follow is not None:
             follow(self.responder.cached_services)
+        # a cached reply's other answer orders are made between packets, not on the spot
+        self.responder.defer = self._make_orders_soon
         self.transports: list[asyncio.BaseTransport] = []  # (or packets.CompiledUdp)
         self.packet_path = ""  # the UDP packet path serving, once started (packets.py)
         self.tcp_servers: list[asyncio.base_events.Server] = []
@@ -441,6 +443,22 @@ class DnsServer:
         if not isinstance(reply, bytes):
             reply = plain_reply(item.question, 2, self.responder.recursion)
         send(reply)
+
+    def _make_orders_soon(self) -> None:
+        self._keep(asyncio.ensure_future(self._make_orders()))
+
+    async def _make_orders(self) -> None:
+        """Walk Responder.refresh_steps, letting the loop read packets between steps."""
+        steps = self.responder.refresh_steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration:
+                return
+            except Exception:  # that job is dropped (the entry keeps what it has): go on
+                log.exception("internal error making a cached reply's answer orders")
+                steps = self.responder.refresh_steps()
+            await asyncio.sleep(0)
 
     def _keep(self, task: asyncio.Future[None]) -> None:
         self._tasks.add(task)

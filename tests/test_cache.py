@@ -11,7 +11,7 @@ import dns.edns
 import dns.message
 import pytest
 
-from meshdns.cache import ENTRY_OVERHEAD, ResponseCache, entry_size
+from meshdns.cache import ENTRY_OVERHEAD, ORDER_SLACK, ResponseCache, entry_size
 from meshdns.catalog.model import Catalog
 from meshdns.catalog.snapshot import build_snapshot
 from meshdns.catalog.source import EVERYTHING, Change
@@ -149,6 +149,39 @@ def test_entry_cap_still_holds() -> None:
     for i in range(1000):
         r.respond(query(f"svc-{i}.service.consul"))
         assert len(r.udp_cache) <= 100
+
+
+def test_a_full_cache_evicts_a_few_oldest_entries_per_store() -> None:
+    """Dropping a tenth of a full cache at once stalled the packet path for milliseconds:
+    each store into a full cache makes just the room it needs, oldest entries first, and
+    the eviction order stays bounded however many entries leave by other ways."""
+    cache = ResponseCache(Metrics(), 1000, 1 << 30)
+    reply = (b"\x84\x00" + b"r" * 40,)
+    for i in range(1000):
+        cache.store(b"k%d" % i, reply, 0, ("x", "y", "z"), f"t{i}")
+    assert len(cache) == 1000 and cache.evictions == 0
+    for i in range(1000, 1100):
+        cache.store(b"k%d" % i, reply, 0, ("x", "y", "z"), f"t{i}")
+        assert cache.evictions == i - 999 and len(cache) == 1000
+        assert b"k%d" % (i - 1000) not in cache.entries and b"k%d" % (i - 999) in cache.entries
+    # by bytes too: a big entry pushes out just as many old ones as it needs
+    big = (b"\x84\x00" + b"r" * 2000,)
+    budget = ResponseCache(Metrics(), 1_000_000, 1 << 20)
+    n = 0
+    while budget.evictions == 0:
+        budget.store(b"k%d" % n, reply, 0, ("x", "y", "z"), None)
+        n += 1
+    before = budget.evictions
+    budget.store(b"big", big, 0, ("x", "y", "z"), None)
+    assert 2000 // (len(reply[0]) + 400) <= budget.evictions - before <= 10
+    assert budget.bytes <= budget.max_bytes
+    # entries popped and stored again, never evicted: the order is compacted, not grown
+    for _ in range(70):  # (7,000 keys: past 2 x 1,000 + ORDER_SLACK)
+        for i in range(1000, 1100):
+            cache.pop(b"k%d" % i)
+            cache.store(b"k%d" % i, reply, 0, ("x", "y", "z"), f"t{i}")
+    assert len(cache._order) <= 2 * len(cache) + ORDER_SLACK < 8000
+    assert set(cache.entries) <= set(cache._order)
 
 
 def test_one_entry_may_not_take_the_budget() -> None:

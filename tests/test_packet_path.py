@@ -240,6 +240,10 @@ def two_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     async def start() -> DnsServer:
         server = DnsServer(config, StaticSource(snapshot))
         server.responder._random = random.Random(SEED)
+        # answer orders made on the spot, not between packets: when the loop gets to them
+        # differs between the paths (batches), so the bytes would too; the deferred making
+        # is tested on its own (test_answer_orders_are_made_between_packets)
+        server.responder.defer = None
         server.publish(snapshot, EVERYTHING)
         await server.start()
         return server
@@ -281,6 +285,78 @@ def test_compiled_and_pure_paths_reply_byte_for_byte(
     assert mine.dropped > 0 and mine.truncated > 0
     # one datagram in SAMPLE_EVERY timed, on both
     assert sum(mine.latency_counts) == sum(theirs.latency_counts) > 0
+
+
+def records(reply: bytes) -> tuple[list[str], list[str]]:
+    """A reply's answer records in order, and its additional records sorted."""
+    msg = dns.message.from_wire(reply)
+    return ([rr.to_text() for rrset in msg.answer for rr in rrset],
+            sorted(rr.to_text() for rrset in msg.additional for rr in rrset))
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                pure: bool) -> None:
+    """A reply asked a second time gets its other answer orders, and one hit REBUILD_AFTER
+    times fresh ones, made by the server between packets (16 orders of a 30-record SRV reply
+    take milliseconds: not on the spot): meanwhile the orders made so far are served, the
+    entry is never dropped, and every reply holds the same records."""
+    monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
+    monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
+    if pure:
+        monkeypatch.setenv(PURE_ENV, "1")
+    else:
+        monkeypatch.delenv(PURE_ENV, raising=False)
+    config = Config(listen=["127.0.0.1:0"], dns={"max_udp_size": 4096})
+    snapshot = FileSource(config, differential_catalog(tmp_path / "catalog.yaml")).load()
+    loop = LoopThread()
+
+    async def start() -> DnsServer:
+        server = DnsServer(config, StaticSource(snapshot))
+        server.publish(snapshot, EVERYTHING)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    try:
+        assert isinstance(server.transports[0], CompiledUdp) != pure
+        port = server.bound[0][1]
+        ask = [query("big.service.consul", "SRV", qid=i, edns=4096) for i in range(30)]
+        key = ask[0][2:]
+        cache = server.responder.udp_cache
+        first = exchange(loop, port, ask[:1], 1)
+        entry = cache.entries[key]
+        assert entry.pending is not None and len(entry.replies) == 1
+        # the second ask and the rest of its batch: served the one order made so far
+        burst = exchange(loop, port, ask[1:], 29)
+        assert len(burst) == 29
+        canonical = records(first[0])
+        assert len(canonical[0]) == 30
+        for reply in burst:
+            answers, additional = records(reply)
+            assert sorted(answers) == sorted(canonical[0]) and additional == canonical[1]
+        assert {records(r)[0][0] for r in burst} == {canonical[0][0]}  # one order, still
+        deadline = time.monotonic() + 5
+        while cache.entries[key].pending is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.entries[key] is entry and entry.pending is None
+        assert len(entry.replies) == 16 and not server.responder._refresh
+        orders = entry.replies
+        # now every order, in turn; past REBUILD_AFTER hits the same entry gets new ones
+        more = [r for _ in range(3) for r in exchange(loop, port, ask, 30)]
+        assert len({records(r)[0][0] for r in more}) > 8, "answers not rotated"
+        for reply in more:
+            answers, additional = records(reply)
+            assert sorted(answers) == sorted(canonical[0]) and additional == canonical[1]
+        deadline = time.monotonic() + 5
+        while entry.replies is orders and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.entries[key] is entry, "the entry was dropped to be rebuilt"
+        assert entry.replies is not orders and len(entry.replies) == 16
+        assert entry.turn - entry.start < REBUILD_AFTER
+    finally:
+        loop.run(server.stop(drain=0.1))
+        loop.close()
 
 
 # --- a full send buffer -----------------------------------------------------------------------
