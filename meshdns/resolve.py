@@ -23,7 +23,7 @@ from .catalog.snapshot import (
     pack_address,
 )
 from .config import Config
-from .names import Query, addr_hex, parse
+from .names import Query, parse
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -476,17 +476,16 @@ def _srv_answer(instances: Sequence[Instance], ttl: int, s: Settings, snap: Snap
         seen.add(key)
         weight = inst.weight_warning if inst.status == "warning" else inst.weight_passing
         extra: list[Record] = []
-        if not pack_address(address):  # a hostname: the target itself, and its addresses
+        packed = pack_address(address)
+        if not packed:  # a hostname: the target itself, and its addresses
             target = address
             extra.extend(_host_addresses(address, ANY, ttl, s, snap, domain))
         else:
-            if inst.own_address or translated:
-                target = f"{addr_hex(address)}.addr.{_locality_labels(inst)}.{domain}"
+            if inst.own_address or translated:  # (packed.hex() is names.addr_hex(address))
+                target = f"{packed.hex()}.addr.{_locality_labels(inst)}.{domain}"
             else:
                 target = ".".join(node_labels(inst.node)) + "." + domain
-            glue = _ip_record(target, ttl, address)
-            if glue is not None:
-                extra.append(glue)
+            extra.append((target, AAAA if len(packed) == 16 else A, ttl, packed))
             if s.node_meta_txt and inst.node.meta:
                 extra.extend(_txt_records(target, ttl, inst.node.meta))
         answers.append(((None, SRV, ttl, (1, weight, port, target)), tuple(extra)))
