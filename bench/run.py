@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,6 +335,73 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
 
 
 
+def tree_runtime(pid: int) -> float:
+    """CPU seconds the scheduler ran `pid`'s process tree, to the nanosecond
+    (/proc/PID/task/*/schedstat; /proc/PID/stat counts whole 10 ms ticks)."""
+    total = 0
+    for p in srv.process_tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/schedstat") as fh:
+                    total += int(fh.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
+def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
+               probes: list[zonemod.Probe], opts: srv.Options, workdir: Path) -> dict:
+    """The CPU pass again, meshdns and each peer back to back in every round, a fresh server
+    each time (hot: one pass to warm it, then the one measured): the machine's speed drifts
+    over minutes (a VM's neighbours), and a ratio from two passes seconds apart is far
+    steadier than one from passes minutes apart. The median over rounds of each server's
+    µs/query and of each ratio meshdns / peer."""
+    ready = probes[-1] if wl.zone == "cold" else probes[0]
+    figures: dict[str, list[float | None]] = {n: [] for n in names}
+    for round_no in range(args.paired):
+        for name in names:
+            run_dir = workdir / "paired" / f"{name}-{wl.name}-{round_no}"
+            running = srv.start(name, files, run_dir, opts, ready)
+            try:
+                if not wl.once:  # a hot pass measures a warm cache
+                    dnsperf(args, running.port, qfile, wl, min(args.cpu_seconds, 2.0),
+                            run_dir / "warm.txt", rate=args.cpu_rate)
+                rate = wl.cpu_rate if wl.once else args.cpu_rate
+                seconds = args.cpu_seconds
+                if wl.once:
+                    with open(qfile) as fh:
+                        seconds = sum(1 for _ in fh) / rate + args.query_timeout + 1
+                before = tree_runtime(running.pid)
+                stats = dnsperf(args, running.port, qfile, wl, seconds, run_dir / "cpu.txt",
+                                rate=rate)
+                used = tree_runtime(running.pid) - before
+                completed = int(stats.get("completed", 0))
+                figures[name].append(round(used / completed * 1e6, 2) if completed else None)
+            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
+                print(f"bench: paired {name} {wl.name} round {round_no}: {exc}", flush=True)
+                figures[name].append(None)
+            finally:
+                running.stop()
+    out: dict = {"rounds": args.paired, "us_per_query": figures, "median_us": {},
+                 "ratio_median": {}}
+    for name, values in figures.items():
+        got = [v for v in values if v is not None]
+        if got:
+            out["median_us"][name] = round(statistics.median(got), 2)
+    mesh = figures.get("meshdns", [])
+    for peer in names:
+        if peer == "meshdns":
+            continue
+        pairs = [m / o for m, o in zip(mesh, figures[peer]) if m is not None and o]
+        if pairs:
+            out["ratio_median"][peer] = round(statistics.median(pairs), 3)
+    return out
+
+
 def measure(
     args,
     name: str,
@@ -538,9 +606,11 @@ def _row(rows: list[Row], server: str, workload: str) -> Row | None:
                  and not r.error), None)
 
 
-def targets(rows: list[Row]) -> list[str]:
-    """Issue 12's targets, each with the figures of this run: meshdns against each peer."""
+def targets(rows: list[Row], paired: dict[str, dict] | None = None) -> list[str]:
+    """Issue 12's targets, each with the figures of this run: meshdns against each peer
+    (the CPU ones also from the paired pass, the steadier figure)."""
     out = []
+    paired = paired or {}
     udp = [w for w in dict.fromkeys(r.workload for r in rows) if not WORKLOADS[w].tcp]
 
     def check(label: str, workload: str, peer: str, attr: str, limit: float,
@@ -557,9 +627,21 @@ def targets(rows: list[Row]) -> list[str]:
         out.append(f"  {'met ' if ok else 'MISS'} {label} vs {peer}: {a:,.2f} / {b:,.2f} = "
                    f"{ratio:.2f} ({'<=' if at_most else '>='} {limit:g})")
 
+    def check_paired(label: str, workload: str, peer: str, limit: float) -> None:
+        got = paired.get(workload, {})
+        ratio = got.get("ratio_median", {}).get(peer)
+        if ratio is None:
+            return
+        mesh, other = got["median_us"].get("meshdns"), got["median_us"].get(peer)
+        out.append(f"  {'met ' if ratio <= limit else 'MISS'} {label} vs {peer}, paired "
+                   f"({got['rounds']} rounds; medians {mesh} / {other} µs): median ratio "
+                   f"{ratio:.2f} (<= {limit:g})")
+
     for peer in PEERS:
         check("hot CPU µs/query at 40k q/s", "hot", peer, "cpu_us", 1.0, True)
+        check_paired("hot CPU µs/query at 40k q/s", "hot", peer, 1.0)
         check("cold CPU µs/query at 10k q/s", "cold", peer, "cpu_us", 1.3, True)
+        check_paired("cold CPU µs/query at 10k q/s", "cold", peer, 1.3)
         check("cold saturating qps", "cold", peer, "qps", 0.6, False)
         check("hot saturating qps", "hot", peer, "qps", 0.95, False)
         for w in udp:
@@ -684,6 +766,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="CPU passes per server x workload; the median is reported (default 3)",
     )
+    p.add_argument(
+        "--paired",
+        type=int,
+        help="rounds of the paired CPU pass: meshdns and each peer, back to back, per round "
+        "(hot and cold; default 5, quick 2; 0 skips it)",
+    )
     p.add_argument("--clients", type=int, default=4, help="dnsperf -c (default 4)")
     p.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (default 100)")
     p.add_argument(
@@ -731,6 +819,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cold_size = args.cold_size or (20_000 if args.quick else 100_000)
     if args.cpu_seconds is None:
         args.cpu_seconds = 3.0 if args.quick else 5.0
+    if args.paired is None:
+        args.paired = 2 if args.quick else 5
+    if args.paired < 0:
+        p.error("--paired: 0 or more")
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for s in args.server_list:
@@ -859,9 +951,35 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
+    paired: dict[str, dict] = {}
+    peers = [p for p in PEERS if p in args.server_list]
+    if args.paired and "meshdns" in args.server_list and peers and not args.meshdns_error:
+        for wl_name in ("hot", "cold"):
+            if wl_name not in args.workload_list:
+                continue
+            wl = WORKLOADS[wl_name]
+            print(f"bench: paired CPU pass, {wl_name}: {args.paired} rounds of "
+                  f"{', '.join(['meshdns', *peers])} ...", end=" ", flush=True)
+            paired[wl_name] = paired_cpu(
+                args, ["meshdns", *peers], wl, files[wl.zone],
+                qfiles.get(f"{wl.queries}-cpu") or qfiles[wl.queries],
+                zonemod.probes(sizes[wl.zone]), opts, workdir)
+            print(", ".join(f"{n} {v} µs/q" for n, v in paired[wl_name]["median_us"].items()),
+                  flush=True)
+
     add_ratios(rows)
     print()
     print(table(rows))
+    if paired:
+        print("\npaired CPU pass (a fresh server each, meshdns and the peers back to back "
+              "in each round; medians):")
+        for wl_name, got in paired.items():
+            per = got["us_per_query"]
+            print(f"  {wl_name:5} " + "; ".join(
+                f"{n} {got['median_us'].get(n, '-')} µs/q "
+                f"({', '.join('-' if v is None else f'{v:g}' for v in per[n])})" for n in per))
+            for peer, ratio in got["ratio_median"].items():
+                print(f"        meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
     notes = []
     for r in rows:
         for problem in r.check_problems:
@@ -882,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if notes:
         print("\n" + "\n".join(notes))
-    goals = targets(rows)
+    goals = targets(rows, paired)
     if goals:
         print("\ntargets (issue 12), this run:\n" + "\n".join(goals))
     found = versions(args.server_list)
@@ -899,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": round(time.monotonic() - t_start, 1),
         },
         "targets": goals,
+        "paired_cpu": paired,
         "results": [r.__dict__ for r in rows],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
