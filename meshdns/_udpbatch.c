@@ -72,6 +72,8 @@ typedef struct {
     PyObject *entries;         /* the UDP cache's dict: query bytes after the ID -> Cached */
     PyTypeObject *cached_type; /* cache.Cached; its slots are read at these offsets */
     Py_ssize_t off_replies, off_turn, off_start, off_pending;
+    /* the rest of its slots, for store_here (0: not all found, so every store is Python's) */
+    Py_ssize_t off_counted, off_counter_key, off_truncated, off_tag, off_size;
     long long rebuild_after;
     unsigned long long sample_every;
     unsigned long long received; /* datagrams read, as UdpProtocol._n counts them */
@@ -99,6 +101,10 @@ typedef struct {
     PyObject *suffix, *dc, *partition, *heads[2], *counter_key, *counts, *cache;
     int only_passing, ra;
     unsigned long long plain_answered;
+    /* store_here: cache.py's constants, and whether the cache is a plain ResponseCache */
+    int store_ok;
+    long long entry_overhead, reply_overhead, order_slack;
+    unsigned long long stored_here;
     PyObject *miss_key; /* the key of the miss being looked at (data[2:]) */
 } Reader;
 
@@ -106,7 +112,9 @@ typedef struct {
 static PyObject *str_serving, *str_snapshot, *str_services, *str_udp_plain, *str_udp_cache,
     *str_packed, *str_store, *str_suffix, *str_dc, *str_partition, *str_only_passing,
     *str_fixed_heads, *str_ra, *str_tcp, *str_counter_key, *str_metrics, *str_queries,
-    *str_empty, *str_default, *int_a, *int_aaaa, *int_zero, *int_one;
+    *str_empty, *str_default, *str_enabled, *str_max_entry_bytes, *str_max_entries,
+    *str_max_bytes, *str_bytes, *str_tagged, *str_order, *str_append, *int_a, *int_aaaa,
+    *int_zero, *int_one;
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -374,6 +382,164 @@ plain_clear(Reader *self)
     Py_CLEAR(self->counts);
     Py_CLEAR(self->cache);
     self->plain_ok = 0;
+    self->store_ok = 0;
+}
+
+static int
+module_long(PyObject *module, const char *name, long long *out)
+{
+    PyObject *value = PyObject_GetAttrString(module, name);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Whether store_here may stand in for self->cache.store: the cache is a ResponseCache itself
+   (not a subclass, whose store may differ) and Cached has every slot. 0 done, -1 error. */
+static int
+store_refresh(Reader *self)
+{
+    self->store_ok = 0;
+    if (self->off_counted == 0)
+        return 0;
+    PyObject *module = PyImport_ImportModule("meshdns.cache");
+    if (module == NULL)
+        return -1;
+    int status = -1;
+    PyObject *type = PyObject_GetAttrString(module, "ResponseCache");
+    if (type != NULL && module_long(module, "ENTRY_OVERHEAD", &self->entry_overhead) == 0
+        && module_long(module, "REPLY_OVERHEAD", &self->reply_overhead) == 0
+        && module_long(module, "ORDER_SLACK", &self->order_slack) == 0) {
+        status = 0;
+        self->store_ok = (PyObject *)Py_TYPE(self->cache) == type;
+    }
+    Py_XDECREF(type);
+    Py_DECREF(module);
+    return status;
+}
+
+static int
+attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    if (!PyLong_CheckExact(value)) {
+        Py_DECREF(value);
+        *out = -1;
+        return 0;
+    }
+    *out = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* ResponseCache.store(key, (body,), 0, counter_key, tag) done here for its commonest case (a
+   new key, room in both bounds, the tag's first entry or one of a set, the eviction order not
+   due for compaction): the same entry, the same bookkeeping, in the same order. 1 stored,
+   0 not this case (the caller calls store), -1 error. */
+static int
+store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObject *tag)
+{
+    PyObject *cache = self->cache, *entries = self->entries;
+    if (!self->store_ok)
+        return 0;
+    PyObject *enabled = PyObject_GetAttr(cache, str_enabled);
+    if (enabled == NULL)
+        return -1;
+    Py_DECREF(enabled);
+    if (enabled != Py_True)
+        return 0;
+    Py_ssize_t size = (Py_ssize_t)(self->entry_overhead + self->reply_overhead)
+                      + PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(body);
+    Py_ssize_t max_entry, max_entries, max_bytes, used;
+    if (attr_ssize(cache, str_max_entry_bytes, &max_entry) < 0
+        || attr_ssize(cache, str_max_entries, &max_entries) < 0
+        || attr_ssize(cache, str_max_bytes, &max_bytes) < 0
+        || attr_ssize(cache, str_bytes, &used) < 0)
+        return -1;
+    Py_ssize_t count = PyDict_GET_SIZE(entries);
+    if (max_entry < 0 || max_entries < 0 || max_bytes < 0 || used < 0 || size > max_entry
+        || count >= max_entries || used + size > max_bytes)
+        return 0; /* (too big, or an eviction first: Python's) */
+    int present = PyDict_Contains(entries, key);
+    if (present != 0)
+        return present < 0 ? -1 : 0;
+    PyObject *tagged = PyObject_GetAttr(cache, str_tagged);
+    PyObject *order = tagged ? PyObject_GetAttr(cache, str_order) : NULL;
+    PyObject *entry = NULL, *size_obj = NULL, *bytes_obj = NULL, *appended = NULL, *keys = NULL;
+    int status = -1;
+    if (order == NULL)
+        goto done;
+    Py_ssize_t queued = PyObject_Length(order);
+    if (queued < 0)
+        goto done;
+    status = 0;
+    if (!PyDict_CheckExact(tagged) || queued + 1 > 2 * (count + 1) + self->order_slack)
+        goto done; /* (compaction due: Python's) */
+    keys = PyDict_GetItemWithError(tagged, tag);
+    if (keys == NULL && PyErr_Occurred()) {
+        status = -1;
+        goto done;
+    }
+    Py_XINCREF(keys);
+    if (keys != NULL && !Py_IS_TYPE(keys, &PySet_Type) && !PyBytes_CheckExact(keys))
+        goto done;
+    status = -1;
+    PyTypeObject *ctype = self->cached_type;
+    if ((size_obj = PyLong_FromSsize_t(size)) == NULL
+        || (bytes_obj = PyLong_FromSsize_t(used + size)) == NULL
+        || (entry = ctype->tp_alloc(ctype, 0)) == NULL)
+        goto done;
+    /* Cached(replies, 0, counter_key, None, tag, size), as its __init__ fills it */
+    struct {
+        Py_ssize_t offset;
+        PyObject *value;
+    } slots[] = {
+        {self->off_replies, replies},
+        {self->off_turn, int_zero},
+        {self->off_start, int_zero},
+        {self->off_counted, int_zero},
+        {self->off_counter_key, self->counter_key},
+        {self->off_pending, Py_None},
+        {self->off_truncated, (PyBytes_AS_STRING(body)[0] & 0x02) ? Py_True : Py_False},
+        {self->off_tag, tag},
+        {self->off_size, size_obj},
+    };
+    for (size_t k = 0; k < sizeof(slots) / sizeof(slots[0]); k++) {
+        Py_INCREF(slots[k].value);
+        SLOT(entry, slots[k].offset) = slots[k].value;
+    }
+    if (PyDict_SetItem(entries, key, entry) < 0
+        || PyObject_SetAttr(cache, str_bytes, bytes_obj) < 0
+        || (appended = PyObject_CallMethodOneArg(order, str_append, key)) == NULL)
+        goto done;
+    if (keys == NULL) { /* the tag's only entry (a name asked once, the cold path) */
+        if (PyDict_SetItem(tagged, tag, key) < 0)
+            goto done;
+    } else if (PyBytes_CheckExact(keys)) { /* its second (the AAAA after the A): a set now */
+        PyObject *both = PySet_New(NULL);
+        int failed = both == NULL || PySet_Add(both, keys) < 0 || PySet_Add(both, key) < 0
+                     || PyDict_SetItem(tagged, tag, both) < 0;
+        Py_XDECREF(both);
+        if (failed)
+            goto done;
+    } else if (PySet_Add(keys, key) < 0) {
+        goto done;
+    }
+    self->stored_here++;
+    status = 1;
+done:
+    Py_XDECREF(tagged);
+    Py_XDECREF(order);
+    Py_XDECREF(entry);
+    Py_XDECREF(size_obj);
+    Py_XDECREF(bytes_obj);
+    Py_XDECREF(appended);
+    Py_XDECREF(keys);
+    return status;
 }
 
 /* Read what answer_plain needs off the responder's PlainPath `plain` (a new one after each
@@ -427,6 +593,8 @@ plain_refresh(Reader *self, PyObject *plain)
     }
     self->only_passing = only == Py_True;
     self->plain_ok = 1;
+    if (store_refresh(self) < 0)
+        status = -1;
 done:
     Py_XDECREF(tcp);
     Py_XDECREF(heads);
@@ -583,13 +751,19 @@ answer_plain(Reader *self, int i)
             status = -1;
             goto done;
         }
-        PyObject *args[] = {self->cache, self->miss_key, replies, int_zero, self->counter_key,
-                            sname, Py_None};
-        stored = PyObject_VectorcallMethod(str_store, args,
-                                           7, NULL);
-        if (stored == NULL) {
+        int here = store_here(self, self->miss_key, replies, body, sname);
+        if (here < 0) {
             status = -1;
             goto done;
+        }
+        if (!here) {
+            PyObject *args[] = {self->cache,        self->miss_key, replies, int_zero,
+                                self->counter_key, sname,          Py_None};
+            stored = PyObject_VectorcallMethod(str_store, args, 7, NULL);
+            if (stored == NULL) {
+                status = -1;
+                goto done;
+            }
         }
     }
     /* metrics.queries[counter_key] += 1 (a Counter: a missing key counts 0) */
@@ -846,7 +1020,22 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
         || (off_start = slot_offset(ctype, "start")) < 0
         || (off_pending = slot_offset(ctype, "pending")) < 0)
         return -1;
+    /* (slots store_here fills in: without any of them, Python stores every entry) */
+    Py_ssize_t more[5];
+    const char *more_names[5] = {"counted", "counter_key", "truncated", "tag", "size"};
+    for (int k = 0; k < 5; k++) {
+        if ((more[k] = slot_offset(ctype, more_names[k])) < 0) {
+            PyErr_Clear();
+            more[0] = 0;
+            break;
+        }
+    }
     reader_free(self);
+    self->off_counted = more[0];
+    self->off_counter_key = more[1];
+    self->off_truncated = more[2];
+    self->off_tag = more[3];
+    self->off_size = more[4];
     self->fd = fd;
     self->family = local.ss_family;
     self->batch = batch;
@@ -935,6 +1124,8 @@ static PyMemberDef Reader_members[] = {
     {"batch", T_INT, offsetof(Reader, batch), READONLY, "datagrams per recvmmsg"},
     {"plain_answered", T_ULONGLONG, offsetof(Reader, plain_answered), READONLY,
      "misses answered here (see plain())"},
+    {"stored_here", T_ULONGLONG, offsetof(Reader, stored_here), READONLY,
+     "of those, the ones whose cache entry was made here (not by cache.store)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -985,7 +1176,11 @@ PyInit__udpbatch(void)
                  {&str_ra, "ra"},                   {&str_tcp, "tcp"},
                  {&str_counter_key, "counter_key"}, {&str_metrics, "metrics"},
                  {&str_queries, "queries"},
-                 {&str_empty, ""},                  {&str_default, "default"}};
+                 {&str_empty, ""},                  {&str_default, "default"},
+                 {&str_enabled, "enabled"},         {&str_max_entry_bytes, "max_entry_bytes"},
+                 {&str_max_entries, "max_entries"}, {&str_max_bytes, "max_bytes"},
+                 {&str_bytes, "bytes"},             {&str_tagged, "_tagged"},
+                 {&str_order, "_order"},            {&str_append, "append"}};
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
         if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
             return NULL;

@@ -36,7 +36,7 @@ from conftest import EXAMPLE_CATALOG, ROOT, MeshdnsProcess
 
 import meshdns.responder
 import meshdns.server
-from meshdns.cache import Cached
+from meshdns.cache import Cached, ResponseCache
 from meshdns.catalog.file import FileSource
 from meshdns.catalog.snapshot import Snapshot
 from meshdns.catalog.source import EVERYTHING, Publish, SourceState
@@ -260,6 +260,16 @@ def two_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         loop.close()
 
 
+def cache_state(cache: ResponseCache) -> tuple:
+    """Everything a cache holds: each entry's every slot, the byte count, the tag index and
+    the eviction order."""
+    entries = {key: tuple(getattr(entry, slot) for slot in Cached.__slots__)
+               for key, entry in cache.entries.items()}
+    tagged = {tag: keys if isinstance(keys, bytes) else frozenset(keys)
+              for tag, keys in cache._tagged.items()}
+    return list(entries.items()), cache.bytes, tagged, list(cache._order)
+
+
 def test_compiled_and_pure_paths_reply_byte_for_byte(
         two_servers: tuple[LoopThread, DnsServer, DnsServer]) -> None:
     loop, compiled, pure = two_servers
@@ -275,6 +285,9 @@ def test_compiled_and_pure_paths_reply_byte_for_byte(
     reader = compiled.transports[0].reader  # type: ignore[attr-defined]
     assert reader.hits > 400 and reader.received > reader.hits
     assert reader.plain_answered >= 30  # the one-instance misses, answered in C
+    assert reader.stored_here >= 20  # ... and most of their cache entries made there too
+    # the caches hold the same entries, bookkeeping and all
+    assert cache_state(compiled.responder.udp_cache) == cache_state(pure.responder.udp_cache)
     web = exchange(loop, compiled.bound[0][1], [query("web.service.consul")] * 8, 8)
     assert len(set(web)) > 1, "answers not rotated"
     exchange(loop, pure.bound[0][1], [query("web.service.consul")] * 8, 8)
