@@ -22,8 +22,9 @@
    it through fastpath.PlainPath.respond, for its commonest case only: `<name>.service.<domain>`
    A or AAAA, the whole packet a bare question (and at most an OPT without options), the
    service's healthy local instances one, with an address of that family, and one TTL for every
-   service (PlainPath.fixed_heads). The reply is the same bytes, the same cache.store call and
-   the same query count PlainPath makes; anything else (or any doubt: an attribute of an
+   service (PlainPath.fixed_heads). The reply is the same bytes, the same cache entry and
+   the same query count PlainPath makes (the entry is made here, as cache.ResponseCache.store
+   makes it, when it is a new key with room for it; else store is called); anything else (or any doubt: an attribute of an
    unexpected type, an error) goes to Python as before, which then decides the same way it
    always did. The responder's serving, snapshot and udp_plain are read on every miss, and
    what PlainPath holds (and the udp_cache, never replaced) again whenever udp_plain is a new

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -285,7 +286,9 @@ def test_compiled_and_pure_paths_reply_byte_for_byte(
     reader = compiled.transports[0].reader  # type: ignore[attr-defined]
     assert reader.hits > 400 and reader.received > reader.hits
     assert reader.plain_answered >= 30  # the one-instance misses, answered in C
-    assert reader.stored_here >= 20  # ... and most of their cache entries made there too
+    assert reader.stored_here >= 20  # ... and most of their cache entries made there too,
+    # out of the cyclic collector's sight (Python's are frozen out of it a second later)
+    assert sum(not gc.is_tracked(e) for e in compiled.responder.udp_cache.entries.values()) >= 20
     # the caches hold the same entries, bookkeeping and all
     assert cache_state(compiled.responder.udp_cache) == cache_state(pure.responder.udp_cache)
     web = exchange(loop, compiled.bound[0][1], [query("web.service.consul")] * 8, 8)
