@@ -434,7 +434,12 @@ attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
     }
     *out = PyLong_AsSsize_t(value);
     Py_DECREF(value);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+    if (*out == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear(); /* (too big for here: Python's) */
+    }
+    return 0;
 }
 
 /* ResponseCache.store(key, (body,), 0, counter_key, tag) done here for its commonest case (a
@@ -450,8 +455,9 @@ store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObj
     PyObject *enabled = PyObject_GetAttr(cache, str_enabled);
     if (enabled == NULL)
         return -1;
+    int is_enabled = enabled == Py_True;
     Py_DECREF(enabled);
-    if (enabled != Py_True)
+    if (!is_enabled)
         return 0;
     Py_ssize_t size = (Py_ssize_t)(self->entry_overhead + self->reply_overhead)
                       + PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(body);
@@ -478,7 +484,8 @@ store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObj
     if (queued < 0)
         goto done;
     status = 0;
-    if (!PyDict_CheckExact(tagged) || queued + 1 > 2 * (count + 1) + self->order_slack)
+    if (!PyDict_CheckExact(tagged)
+        || queued + 1 > (count + 1) + (count + 1) / 4 + self->order_slack)
         goto done; /* (compaction due: Python's) */
     keys = PyDict_GetItemWithError(tagged, tag);
     if (keys == NULL && PyErr_Occurred()) {
@@ -1033,7 +1040,8 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
         || (off_start = slot_offset(ctype, "start")) < 0
         || (off_pending = slot_offset(ctype, "pending")) < 0)
         return -1;
-    /* (slots store_here fills in: without any of them, Python stores every entry) */
+    /* (slots store_here fills in: without any of them, or with more slots than the nine it
+       knows, or a __dict__, Python stores every entry) */
     Py_ssize_t more[5];
     const char *more_names[5] = {"counted", "counter_key", "truncated", "tag", "size"};
     for (int k = 0; k < 5; k++) {
@@ -1043,6 +1051,9 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
             break;
         }
     }
+    if (ctype->tp_basicsize != (Py_ssize_t)(sizeof(PyObject) + 9 * sizeof(PyObject *))
+        || ctype->tp_dictoffset != 0)
+        more[0] = 0;
     reader_free(self);
     self->off_counted = more[0];
     self->off_counter_key = more[1];

@@ -38,7 +38,7 @@ ENTRY_OVERHEAD = 400
 REPLY_OVERHEAD = 48  # per reply order: a bytes header and a tuple slot
 ENTRY_SHARE = 32  # no single entry may take more than 1/32 of the byte budget
 MAX_ORDERS = 16  # distinct answer orders kept per cached reply
-ORDER_SLACK = 4096  # keys of departed entries the eviction order may hold beyond 2x entries
+ORDER_SLACK = 4096  # keys of departed entries the eviction order may hold, beyond a quarter
 
 
 class Cached:
@@ -95,10 +95,12 @@ class ResponseCache:
         self.metrics = metrics
         self.bytes = 0  # charged by the entries held now
         self.evictions = 0
-        # the keys in the order they were stored, oldest first, for eviction; a key whose
-        # entry left (or was stored again) may still be here: it is skipped, or evicted a
-        # little early, and the whole is rebuilt from ``entries`` when it grows past twice it
+        # the keys in the order they were stored, oldest first, for eviction. An entry that
+        # left otherwise (popped, invalidated, stored again) leaves its key here, counted in
+        # ``_gone``: a key's oldest places are the stale ones, so eviction skips as many of
+        # them as counted. Rebuilt from ``entries`` when the stale ones pass a quarter of it.
         self._order: deque[bytes] = deque()
+        self._gone: dict[bytes, int] = {}
         # the keys of the entries by tag: one key itself, several in a set
         self._tagged: dict[str | None, bytes | set[bytes]] = {}
         self.resize(max_entries, max_bytes, enabled)
@@ -141,8 +143,9 @@ class ResponseCache:
         self.bytes += size
         order = self._order
         order.append(key)
-        if len(order) > 2 * len(entries) + ORDER_SLACK:
-            self._order = deque(entries)
+        if len(order) > len(entries) + len(entries) // 4 + ORDER_SLACK:
+            self._order = deque(entries)  # (the _udpbatch reader's store mirrors this test)
+            self._gone.clear()
         tagged = self._tagged
         keys = tagged.get(tag)
         if keys is None:  # the tag's only entry (a name asked once, the cold path): no set
@@ -162,7 +165,7 @@ class ResponseCache:
             self.bytes += size - entry.size
             entry.size = size
             if self.bytes > self.max_bytes:
-                self._evict(0)
+                self._evict(0, adding=False)
         else:
             entry.size = size
 
@@ -199,6 +202,7 @@ class ResponseCache:
             fold(entry)
         self.entries.clear()
         self._order.clear()
+        self._gone.clear()
         self._tagged.clear()
         self.bytes = 0
         return count
@@ -224,8 +228,11 @@ class ResponseCache:
                 fold(entry)
             yield
 
-    def _remove(self, key: bytes, untag: bool = True) -> None:
+    def _remove(self, key: bytes, untag: bool = True, evicted: bool = False) -> None:
         entry = self.entries.pop(key)
+        if not evicted:  # its place in _order is stale now
+            gone = self._gone
+            gone[key] = gone.get(key, 0) + 1
         self.fold(entry)
         self.bytes -= entry.size
         if untag:
@@ -241,18 +248,25 @@ class ResponseCache:
             if len(keys) == 1:
                 tagged[entry.tag] = next(iter(keys))  # type: ignore[arg-type]
 
-    def _evict(self, room: int) -> None:
-        """Make room for ``room`` more bytes and one more entry: drop the oldest entries, just
-        as many as that takes. (Dropping a tenth of the cache at once, as this did before,
-        stalled the packet path for ~5 ms every few thousand misses of a full cache; scanning
-        the dict from its oldest key costs more the more keys were deleted ahead of it.)"""
-        entries, order, remove = self.entries, self._order, self._remove
-        max_bytes, max_entries = self.max_bytes - room, self.max_entries - 1
+    def _evict(self, room: int, adding: bool = True) -> None:
+        """Make room for ``room`` more bytes (and one more entry when ``adding``): drop the
+        oldest entries, just as many as that takes. (Dropping a tenth of the cache at once,
+        as this did before, stalled the packet path for ~5 ms every few thousand misses of a
+        full cache.)"""
+        entries, order, gone, remove = self.entries, self._order, self._gone, self._remove
+        max_bytes, max_entries = self.max_bytes - room, self.max_entries - adding
         evicted = 0
         while (self.bytes > max_bytes or len(entries) > max_entries) and order:
             key = order.popleft()
-            if key in entries:
-                remove(key)
+            stale = gone.get(key)
+            if stale:  # an older place of a key stored again, or of one that left
+                if stale == 1:
+                    del gone[key]
+                else:
+                    gone[key] = stale - 1
+                continue
+            if key in entries:  # (always, by the count above; never trust it blindly)
+                remove(key, evicted=True)
                 evicted += 1
         self.evictions += evicted
 

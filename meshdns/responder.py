@@ -8,6 +8,7 @@ may have made wrong.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Container, Iterator
@@ -50,6 +51,8 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .trace import Trace
+
+log = logging.getLogger("meshdns")
 
 REBUILD_AFTER = 4096  # hits before a cached reply is rebuilt with fresh random orders
 # lookups whose answer is computed from one service's instances (their dependency tag)
@@ -99,6 +102,7 @@ class Responder:
         # what to call when the queue stops being empty (None: make them at once instead)
         self._refresh: dict[tuple[bool, bytes], Cached] = {}
         self.defer: Callable[[], None] | None = None
+        self.refreshing = False  # a walk of refresh_steps is under way (or asked for)
         self.reconfigure(config)
 
     @property
@@ -192,10 +196,15 @@ class Responder:
 
     def _queue_refresh(self, cache: ResponseCache, key: bytes, entry: Cached) -> None:
         job = (cache is self.tcp_cache, key)
-        if job not in self._refresh:
+        if self._refresh.get(job) is not entry:  # (a job for an entry gone: replaced)
             self._refresh[job] = entry
-            if len(self._refresh) == 1:
+        if not self.refreshing:
+            self.refreshing = True  # until the walk ends (the server's task says so)
+            try:
                 self.defer()  # type: ignore[misc]
+            except Exception:  # (the next job asks again; this reply is still sent)
+                self.refreshing = False
+                log.exception("internal error starting to make answer orders")
 
     def refresh_steps(self) -> Iterator[None]:
         """Make the answer orders queued by ``cached_reply``, one order per step: the server
@@ -222,7 +231,8 @@ class Responder:
                         cache.expand(key, entry, tuple(replies))
                         entry.start = entry.turn
             finally:
-                refresh.pop((tcp, key), None)
+                if refresh.get((tcp, key)) is entry:  # (not a job queued since for a new one)
+                    del refresh[(tcp, key)]
 
     def fold_steps(self) -> Iterator[None]:
         """Count every cached reply's hits into the metrics, a step at a time (see

@@ -449,16 +449,21 @@ class DnsServer:
 
     async def _make_orders(self) -> None:
         """Walk Responder.refresh_steps, letting the loop read packets between steps."""
-        steps = self.responder.refresh_steps()
-        while True:
-            try:
-                next(steps)
-            except StopIteration:
-                return
-            except Exception:  # that job is dropped (the entry keeps what it has): go on
-                log.exception("internal error making a cached reply's answer orders")
-                steps = self.responder.refresh_steps()
-            await asyncio.sleep(0)
+        responder = self.responder
+        try:
+            steps = responder.refresh_steps()
+            while True:
+                try:
+                    next(steps)
+                except StopIteration:
+                    return
+                except Exception:  # that job is dropped (the entry keeps what it has): go on
+                    log.exception("internal error making a cached reply's answer orders")
+                    steps = responder.refresh_steps()
+                    continue
+                await asyncio.sleep(0)
+        finally:  # (ended, failed or cancelled: the next job queued starts a walk again)
+            responder.refreshing = False
 
     def _keep(self, task: asyncio.Future[None]) -> None:
         self._tasks.add(task)

@@ -184,6 +184,47 @@ def test_a_full_cache_evicts_a_few_oldest_entries_per_store() -> None:
     assert set(cache.entries) <= set(cache._order)
 
 
+def test_eviction_skips_the_old_places_of_keys_stored_again() -> None:
+    """A key popped (or invalidated) and stored again is as new as its last store: the
+    oldest entry goes first, not it."""
+    cache = ResponseCache(Metrics(), 5, 1 << 30)
+    reply = (b"\x84\x00" + b"r" * 40,)
+    for i in range(5):
+        cache.store(b"k%d" % i, reply, 0, ("x", "y", "z"), None)
+    cache.pop(b"k0")
+    cache.store(b"k0", reply, 0, ("x", "y", "z"), None)
+    cache.store(b"k1", reply, 0, ("x", "y", "z"), None)  # stored again while held
+    cache.store(b"k5", reply, 0, ("x", "y", "z"), None)
+    assert sorted(cache.entries) == [b"k0", b"k1", b"k3", b"k4", b"k5"]  # k2 was the oldest
+    cache.store(b"k6", reply, 0, ("x", "y", "z"), None)
+    assert sorted(cache.entries) == [b"k0", b"k1", b"k4", b"k5", b"k6"]
+
+
+def test_a_failed_start_of_the_order_making_is_asked_again() -> None:
+    """If starting the walk of refresh_steps fails once, the next job starts it again."""
+    r = responder()
+    calls = []
+
+    def failing() -> None:
+        calls.append("failed")
+        raise RuntimeError("no loop")
+
+    r.defer = failing
+    packet = query("web.service.consul")
+    r.respond(packet)
+    r.respond(packet)  # a second ask queues the other orders: defer fails
+    assert calls == ["failed"] and not r.refreshing and r._refresh
+    r.defer = lambda: calls.append("ok")
+    r.respond(query("web.service.consul", "SRV"))
+    r.respond(query("web.service.consul", "SRV"))
+    assert calls == ["failed", "ok"] and r.refreshing
+    for _ in r.refresh_steps():
+        pass
+    assert not r._refresh
+    entry = r.udp_cache.entries[packet[2:]]
+    assert entry.pending is None and len(entry.replies) == 3
+
+
 def test_one_entry_may_not_take_the_budget() -> None:
     cache = ResponseCache(Metrics(), 1000, 64 << 10)
     assert cache.store(b"k" * 10, (b"\x84\x00" + b"r" * 4000,), 0, ("x", "y", "z"), None) is None
