@@ -319,6 +319,7 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
     if wl.once:  # every name once: the file's length sets the duration
         with open(qfile) as fh:
             seconds = sum(1 for _ in fh) / rate + args.query_timeout + 1
+    settle(running.pid)
     before = _cpu_snapshot(running.pid)
     stats = dnsperf(args, running.port, qfile, wl, seconds, out, rate=rate)
     after = _cpu_snapshot(running.pid)
@@ -353,6 +354,20 @@ def tree_runtime(pid: int) -> float:
     return total / 1e9
 
 
+def settle(pid: int, quiet: float = 0.002, window: float = 0.25, limit: float = 10.0) -> None:
+    """Wait until the server's process tree is idle (under `quiet` CPU seconds in `window`),
+    at most `limit` seconds: a server answers its first query before it is done starting
+    (meshdns's admin endpoint, NSD's children), and that work is no query's."""
+    deadline = time.monotonic() + limit
+    last = tree_runtime(pid)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = tree_runtime(pid)
+        if now - last < quiet:
+            return
+        last = now
+
+
 def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
                probes: list[zonemod.Probe], opts: srv.Options, workdir: Path) -> dict:
     """The CPU pass again, meshdns and each peer back to back in every round, a fresh server
@@ -367,6 +382,7 @@ def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile
             run_dir = workdir / "paired" / f"{name}-{wl.name}-{round_no}"
             running = srv.start(name, files, run_dir, opts, ready)
             try:
+                settle(running.pid)
                 if not wl.once:  # a hot pass measures a warm cache
                     dnsperf(args, running.port, qfile, wl, min(args.cpu_seconds, 2.0),
                             run_dir / "warm.txt", rate=args.cpu_rate)
@@ -466,6 +482,7 @@ def measure(
         if wl.once:  # a warm server would not be cold any more: start it afresh
             running = _restart(running, row, name, files, run_dir, opts, ready, wl)
         row.p99_rate = max(50, int(row.qps * args.latency_fraction))
+        settle(running.pid)
         before = _cpu_snapshot(running.pid)
         lat = latency_pass(args, running, qfile, wl, row.p99_rate, run_dir / "latency.txt")
         row.p99_bg_cpu_pct = _cpu_since(before, running.pid)[2]

@@ -664,6 +664,10 @@ async def run(config: Config, source: CatalogSource,
     # paused the loop ~10 ms each time (bench/run.py cold: p99 18 ms). So: every 10,000, and
     # what survives a second (cache entries) is frozen out of its sight (freeze_survivors).
     gc.set_threshold(10_000, 10, 10)
+    if admin and config.admin.listen:
+        # imported before the listeners open: importing aiohttp takes ~0.25 s, which stalled
+        # the first queries a new server answered
+        from . import admin as _admin  # noqa: F401
     await server.start(reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
