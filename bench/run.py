@@ -337,8 +337,8 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
 
 
 def tree_runtime(pid: int) -> float:
-    """CPU seconds the scheduler ran `pid`'s process tree, to the nanosecond
-    (/proc/PID/task/*/schedstat; /proc/PID/stat counts whole 10 ms ticks)."""
+    """CPU seconds the scheduler ran `pid`'s live process tree, to the nanosecond
+    (/proc/PID/task/*/schedstat)."""
     total = 0
     for p in srv.process_tree(pid):
         try:
@@ -356,8 +356,8 @@ def tree_runtime(pid: int) -> float:
 
 def settle(pid: int, quiet: float = 0.002, window: float = 0.25, limit: float = 10.0) -> None:
     """Wait until the server's process tree is idle (under `quiet` CPU seconds in `window`),
-    at most `limit` seconds: a server answers its first query before it is done starting
-    (meshdns's admin endpoint, NSD's children), and that work is no query's."""
+    at most `limit` seconds: whatever a server still does after its first answer (the end of
+    its start-up) is no query's work. (Scheduler time: whole 10 ms ticks are too coarse.)"""
     deadline = time.monotonic() + limit
     last = tree_runtime(pid)
     while time.monotonic() < deadline:
@@ -370,7 +370,7 @@ def settle(pid: int, quiet: float = 0.002, window: float = 0.25, limit: float = 
 
 def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
                probes: list[zonemod.Probe], opts: srv.Options, workdir: Path) -> dict:
-    """The CPU pass again, meshdns and each peer back to back in every round, a fresh server
+    """``cpu_pass`` again, meshdns and each peer back to back in every round, a fresh server
     each time (hot: one pass to warm it, then the one measured): the machine's speed drifts
     over minutes (a VM's neighbours), and a ratio from two passes seconds apart is far
     steadier than one from passes minutes apart. The median over rounds of each server's
@@ -382,21 +382,11 @@ def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile
             run_dir = workdir / "paired" / f"{name}-{wl.name}-{round_no}"
             running = srv.start(name, files, run_dir, opts, ready)
             try:
-                settle(running.pid)
                 if not wl.once:  # a hot pass measures a warm cache
                     dnsperf(args, running.port, qfile, wl, min(args.cpu_seconds, 2.0),
                             run_dir / "warm.txt", rate=args.cpu_rate)
-                rate = wl.cpu_rate if wl.once else args.cpu_rate
-                seconds = args.cpu_seconds
-                if wl.once:
-                    with open(qfile) as fh:
-                        seconds = sum(1 for _ in fh) / rate + args.query_timeout + 1
-                before = tree_runtime(running.pid)
-                stats = dnsperf(args, running.port, qfile, wl, seconds, run_dir / "cpu.txt",
-                                rate=rate)
-                used = tree_runtime(running.pid) - before
-                completed = int(stats.get("completed", 0))
-                figures[name].append(round(used / completed * 1e6, 2) if completed else None)
+                figures[name].append(cpu_pass(args, running, qfile, wl,
+                                              run_dir / "cpu.txt")["cpu_us"])
             except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
                 print(f"bench: paired {name} {wl.name} round {round_no}: {exc}", flush=True)
                 figures[name].append(None)

@@ -22,11 +22,11 @@
    it through fastpath.PlainPath.respond, for its commonest case only: `<name>.service.<domain>`
    A or AAAA, the whole packet a bare question (and at most an OPT without options), the
    service's healthy local instances one, with an address of that family, and one TTL for every
-   service (PlainPath.fixed_heads). The reply is the same bytes, the same cache entry and
-   the same query count PlainPath makes (the entry is made here, as cache.ResponseCache.store
-   makes it, when it is a new key with room for it; else store is called); anything else (or any doubt: an attribute of an
-   unexpected type, an error) goes to Python as before, which then decides the same way it
-   always did. The responder's serving, snapshot and udp_plain are read on every miss, and
+   service (PlainPath.fixed_heads). The reply is the same bytes, the same cache entry and the
+   same query count PlainPath makes (the entry is made here as cache.ResponseCache.store makes
+   it when it is a new key with room for it; else store is called); anything else (or any
+   doubt: an attribute of an unexpected type, an error) goes to Python as before, which then
+   decides the same way it always did. The responder's serving, snapshot and udp_plain are read on every miss, and
    what PlainPath holds (and the udp_cache, never replaced) again whenever udp_plain is a new
    one, so a snapshot swap or a reconfigure is seen at the next packet. store() itself keeps
    nothing while the cache is disabled, as on Python's path. */
@@ -233,6 +233,16 @@ static int
 queue_full(Reader *self)
 {
     return self->out_count - self->out_head >= self->out_cap;
+}
+
+/* Send what is queued once its first reply has waited FLUSH_WAIT_NS (checked after each reply
+   that was slow to make), unless the socket is blocked. */
+static void
+flush_if_held(Reader *self)
+{
+    if (self->out_count > self->out_head && !self->blocked
+        && monotonic_ns() - self->queued_at >= FLUSH_WAIT_NS)
+        flush_queue(self);
 }
 
 static PyObject *
@@ -841,10 +851,9 @@ serve(Reader *self)
         Py_CLEAR(self->miss_key);
         if (!answered)
             return hand_over(self, i, kind);
-        if (kind == KIND_MISS && self->out_count > self->out_head && !self->blocked
-            && monotonic_ns() - self->queued_at >= FLUSH_WAIT_NS)
-            flush_queue(self); /* (a batch of misses answered here: ~3 us each, so do not
-                                  hold the first reply for all 64 of them either) */
+        if (kind == KIND_MISS)
+            flush_if_held(self); /* (misses answered here cost ~3 us each: a batch of them
+                                    must not hold the first reply for all 64 either) */
     }
     flush_queue(self);
     Py_RETURN_NONE;
@@ -916,8 +925,8 @@ Reader_next(Reader *self, PyObject *reply)
         if (queue_reply(self, reply, NULL, &self->in_addr[last],
                         self->in_msgs[last].msg_hdr.msg_namelen) < 0)
             self->send_errors++; /* blocked, and two batches of replies wait already */
-        else if (!self->blocked && monotonic_ns() - self->queued_at >= FLUSH_WAIT_NS)
-            flush_queue(self); /* (Python's replies are slow to make: do not hold the others) */
+        else
+            flush_if_held(self); /* (Python's replies are slow to make: do not hold the others) */
     }
     return serve(self);
 }

@@ -426,7 +426,7 @@ class Responder:
         """The reply in up to MAX_ORDERS answer orders (and at most ``room``): rotations of
         one random order, so every record takes its turn first (what round-robin clients
         rely on)."""
-        replies = tuple(reply for reply in self._orders_steps(data, tcp, room))
+        replies = tuple(self._orders_steps(data, tcp, room))
         assert None not in replies  # it was answered a moment ago from the same snapshot
         return replies  # type: ignore[return-value]
 
@@ -442,12 +442,9 @@ class Responder:
         base = list(range(count))
         self._random.shuffle(base)
         n = max(1, min(count, MAX_ORDERS, room))
-        limits = limits_for(question, tcp, self.config.dns.udp_answer_limit,
-                            self.config.dns.enable_truncate, self.max_udp_size)
-        flags = reply_flags(question.flags, answer.rcode, answer.authoritative, self.recursion)
         for i in range(n):
             cut = i * count // n
-            yield encode(question, answer, base[cut:] + base[:cut], limits, flags)[2:]
+            yield self._render(question, answer, tcp, [base[cut:] + base[:cut]])[0][2:]
 
     def render(self, question: Question, answer: Answer, tcp: bool) -> bytes:
         """The reply (ID 0) the server sends for ``answer``, records in resolution order: what
