@@ -100,6 +100,9 @@ typedef struct {
     PyObject *plain_of;
     int plain_ok; /* plain_of is a shape answered here */
     PyObject *suffix, *dc, *partition, *heads[2], *counter_key, *counts, *cache;
+    /* a missing service's NXDOMAIN (nx_ok: PlainPath has what it takes) */
+    PyObject *soa_ttl, *soa_times, *nx_counter_key, *suffix_text, *seen;
+    int nx_ok;
     int only_passing, ra;
     unsigned long long plain_answered;
     /* store_here: cache.py's constants, and whether the cache is a plain ResponseCache */
@@ -107,6 +110,8 @@ typedef struct {
     long long entry_overhead, reply_overhead, order_slack;
     unsigned long long stored_here;
     PyObject *miss_key; /* the key of the miss being looked at (data[2:]) */
+    /* callbacks(): what readable() calls (NULL: not given, readable() does nothing) */
+    PyObject *on_answer, *on_observe, *on_failed, *on_blocked;
 } Reader;
 
 /* interned at import */
@@ -114,8 +119,28 @@ static PyObject *str_serving, *str_snapshot, *str_services, *str_udp_plain, *str
     *str_packed, *str_store, *str_suffix, *str_dc, *str_partition, *str_only_passing,
     *str_fixed_heads, *str_ra, *str_tcp, *str_counter_key, *str_metrics, *str_queries,
     *str_empty, *str_default, *str_enabled, *str_max_entry_bytes, *str_max_entries,
-    *str_max_bytes, *str_bytes, *str_tagged, *str_order, *str_append, *int_a, *int_aaaa,
+    *str_max_bytes, *str_bytes, *str_tagged, *str_order, *str_append, *str_nxdomains,
+    *str_soa_ttl, *str_soa_times, *str_nx_counter_key, *str_suffix_text, *str_seen,
+    *str_failover, *str_default_sameness, *str_serial, *int_a, *int_aaaa,
     *int_zero, *int_one;
+
+/* the exception being raised, normalized, as a new reference (cleared from the indicator) */
+static PyObject *
+PyErr_GetRaisedException_compat(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -392,6 +417,12 @@ plain_clear(Reader *self)
     Py_CLEAR(self->counter_key);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->cache);
+    Py_CLEAR(self->soa_ttl);
+    Py_CLEAR(self->soa_times);
+    Py_CLEAR(self->nx_counter_key);
+    Py_CLEAR(self->suffix_text);
+    Py_CLEAR(self->seen);
+    self->nx_ok = 0;
     self->plain_ok = 0;
     self->store_ok = 0;
 }
@@ -457,7 +488,8 @@ attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
    due for compaction): the same entry, the same bookkeeping, in the same order. 1 stored,
    0 not this case (the caller calls store), -1 error. */
 static int
-store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObject *tag)
+store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObject *tag,
+           PyObject *counter_key)
 {
     PyObject *cache = self->cache, *entries = self->entries;
     if (!self->store_ok)
@@ -520,7 +552,7 @@ store_here(Reader *self, PyObject *key, PyObject *replies, PyObject *body, PyObj
         {self->off_turn, int_zero},
         {self->off_start, int_zero},
         {self->off_counted, int_zero},
-        {self->off_counter_key, self->counter_key},
+        {self->off_counter_key, counter_key},
         {self->off_pending, Py_None},
         {self->off_truncated, (PyBytes_AS_STRING(body)[0] & 0x02) ? Py_True : Py_False},
         {self->off_tag, tag},
@@ -619,6 +651,28 @@ plain_refresh(Reader *self, PyObject *plain)
     }
     self->only_passing = only == Py_True;
     self->plain_ok = 1;
+    /* the NXDOMAIN of a missing service too, when PlainPath says how (else Python's) */
+    PyObject *nxdomains = PyObject_GetAttr(plain, str_nxdomains);
+    self->soa_ttl = PyObject_GetAttr(plain, str_soa_ttl);
+    self->soa_times = PyObject_GetAttr(plain, str_soa_times);
+    self->nx_counter_key = PyObject_GetAttr(plain, str_nx_counter_key);
+    self->suffix_text = PyObject_GetAttr(plain, str_suffix_text);
+    self->seen = nxdomains ? PyObject_GetAttr(nxdomains, str_seen) : NULL;
+    Py_XDECREF(nxdomains);
+    if (!self->soa_ttl || !self->soa_times || !self->nx_counter_key || !self->suffix_text
+        || !self->seen) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            status = -1;
+            goto done;
+        }
+        PyErr_Clear();
+    } else {
+        self->nx_ok = PyBytes_CheckExact(self->soa_ttl) && PyBytes_GET_SIZE(self->soa_ttl) == 4
+                      && PyBytes_CheckExact(self->soa_times)
+                      && PyBytes_GET_SIZE(self->soa_times) == 16
+                      && PyTuple_CheckExact(self->nx_counter_key)
+                      && PyUnicode_CheckExact(self->suffix_text) && PyCallable_Check(self->seen);
+    }
     if (store_refresh(self) < 0)
         status = -1;
 done:
@@ -634,6 +688,163 @@ static inline unsigned char
 ascii_lower(unsigned char c)
 {
     return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+}
+
+/* A count in metrics.queries (a Counter: a missing key counts 0) up by one. */
+static int
+count_query(Reader *self, PyObject *counter_key)
+{
+    PyObject *count = PyDict_GetItemWithError(self->counts, counter_key);
+    if (count == NULL && PyErr_Occurred())
+        return -1;
+    PyObject *next = PyNumber_Add(count ? count : int_zero, int_one);
+    if (next == NULL || PyDict_SetItem(self->counts, counter_key, next) < 0) {
+        Py_XDECREF(next);
+        return -1;
+    }
+    Py_DECREF(next);
+    return 0;
+}
+
+static void
+put_u32(unsigned char *p, unsigned long value)
+{
+    p[0] = (unsigned char)(value >> 24);
+    p[1] = (unsigned char)(value >> 16);
+    p[2] = (unsigned char)(value >> 8);
+    p[3] = (unsigned char)value;
+}
+
+/* The NXDOMAIN of datagram `i`, whose service (`key` in services, `sname` lowercased) the
+   snapshot does not have, as PlainPath._missing writes it: only where the general path looks
+   nowhere else (no failover entry for it, no default sameness group in the partition) and the
+   serial fits the SOA. 1 answered, 0 not (Python answers it), -1 error. */
+static int
+answer_missing(Reader *self, int i, PyObject *snapshot, PyObject *key, PyObject *sname,
+               Py_ssize_t end, Py_ssize_t qend, int edns_size)
+{
+    const unsigned char *data = self->buffers + (size_t)i * SLOT_BYTES;
+    int status = -1;
+    PyObject *failover = NULL, *sameness = NULL, *serial_obj = NULL, *body = NULL,
+             *replies = NULL, *stored = NULL, *asked = NULL, *seen = NULL;
+    failover = PyObject_GetAttr(snapshot, str_failover);
+    sameness = failover ? PyObject_GetAttr(snapshot, str_default_sameness) : NULL;
+    serial_obj = sameness ? PyObject_GetAttr(snapshot, str_serial) : NULL;
+    if (serial_obj == NULL)
+        goto done;
+    status = 0;
+    if (!PyDict_CheckExact(failover) || !PyDict_CheckExact(sameness)
+        || !PyLong_CheckExact(serial_obj))
+        goto done;
+    PyObject *targets = PyDict_GetItemWithError(failover, key);
+    if (targets == NULL && PyErr_Occurred()) {
+        status = -1;
+        goto done;
+    }
+    if (targets != NULL) {
+        int some = PyObject_IsTrue(targets);
+        if (some != 0) {
+            status = some < 0 ? -1 : 0;
+            goto done; /* failover: the general path tries its targets */
+        }
+    }
+    PyObject *group = PyDict_GetItemWithError(sameness, self->partition);
+    if (group != NULL || PyErr_Occurred()) {
+        status = group != NULL ? 0 : -1;
+        goto done; /* a default sameness group: its members are tried */
+    }
+    int overflow;
+    long long serial = PyLong_AsLongLongAndOverflow(serial_obj, &overflow);
+    if (overflow || serial < 0 || serial > 0xFFFFFFFFLL) {
+        if (PyErr_Occurred())
+            status = -1;
+        goto done;
+    }
+    /* header, the question as asked, the SOA (its names pointing at the domain in the
+       question, right after "service"), the OPT */
+    Py_ssize_t question = qend - 12, opt_len = edns_size < 0 ? 0 : 11;
+    body = PyBytes_FromStringAndSize(NULL, 10 + question + 50 + opt_len);
+    if (body == NULL) {
+        status = -1;
+        goto done;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(body);
+    int flags = 0x8403 | (data[2] & 0x01) << 8 | (data[3] & 0x10) | self->ra;
+    unsigned char ptr0 = (unsigned char)(0xC0 | (end + 8) >> 8), ptr1 = (unsigned char)(end + 8);
+    out[0] = (unsigned char)(flags >> 8);
+    out[1] = (unsigned char)flags;
+    memcpy(out + 2, "\0\1\0\0\0\1\0", 7);
+    out[9] = opt_len ? 1 : 0;
+    memcpy(out + 10, data + 12, (size_t)question);
+    unsigned char *p = out + 10 + question;
+    p[0] = ptr0;
+    p[1] = ptr1;
+    memcpy(p + 2, "\0\6\0\1", 4);
+    memcpy(p + 6, PyBytes_AS_STRING(self->soa_ttl), 4);
+    memcpy(p + 10, "\0\x26\2ns", 5);
+    p[15] = ptr0;
+    p[16] = ptr1;
+    memcpy(p + 17, "\x0ahostmaster", 11);
+    p[28] = ptr0;
+    p[29] = ptr1;
+    put_u32(p + 30, (unsigned long)serial);
+    memcpy(p + 34, PyBytes_AS_STRING(self->soa_times), 16);
+    p += 50;
+    if (opt_len) {
+        int udp = edns_size < 512 ? 512 : edns_size;
+        p[0] = p[1] = 0;
+        p[2] = 0x29;
+        p[3] = (unsigned char)(udp >> 8);
+        p[4] = (unsigned char)udp;
+        p[5] = p[6] = 0;
+        p[7] = (data[qend + 7] & 0x80) ? 0x80 : 0; /* DO, echoed */
+        p[8] = p[9] = p[10] = 0;
+    }
+    if (queue_full(self) && (flush_queue(self), queue_full(self)))
+        goto done; /* no room to queue it (blocked): Python's reply will be dropped, counted */
+    status = -1;
+    if (count_query(self, self->nx_counter_key) < 0)
+        goto done;
+    replies = PyTuple_Pack(1, body);
+    if (replies == NULL)
+        goto done;
+    int here = store_here(self, self->miss_key, replies, body, sname, self->nx_counter_key);
+    if (here < 0)
+        goto done;
+    if (!here) {
+        PyObject *args[] = {self->cache,           self->miss_key, replies, int_zero,
+                            self->nx_counter_key, sname,          Py_None};
+        stored = PyObject_VectorcallMethod(str_store, args, 7, NULL);
+        if (stored == NULL)
+            goto done;
+    }
+    /* nxdomains.seen(the name as asked, the cache's entries, key): the status page's names */
+    PyObject *label = PyUnicode_DecodeASCII((const char *)data + 13, end - 13, NULL);
+    if (label == NULL)
+        goto done;
+    asked = PyUnicode_Concat(label, self->suffix_text);
+    Py_DECREF(label);
+    if (asked == NULL)
+        goto done;
+    PyObject *args[] = {asked, self->entries, self->miss_key};
+    seen = PyObject_Vectorcall(self->seen, args, 3, NULL);
+    if (seen == NULL)
+        goto done;
+    if (queue_reply(self, body, data, &self->in_addr[i],
+                    self->in_msgs[i].msg_hdr.msg_namelen) < 0)
+        self->send_errors++; /* (as Reader_next counts a reply the full queue refuses) */
+    self->plain_answered++;
+    status = 1;
+done:
+    Py_XDECREF(failover);
+    Py_XDECREF(sameness);
+    Py_XDECREF(serial_obj);
+    Py_XDECREF(body);
+    Py_XDECREF(replies);
+    Py_XDECREF(stored);
+    Py_XDECREF(asked);
+    Py_XDECREF(seen);
+    return status;
 }
 
 /* The miss of datagram `i` (its key in miss_key) answered as PlainPath.respond would, when
@@ -666,9 +877,14 @@ answer_plain(Reader *self, int i)
     Py_ssize_t tail = end + suffix_len, qend = tail + 4;
     if (size < qend)
         return 0;
-    for (Py_ssize_t k = 0; k < suffix_len; k++)
-        if (ascii_lower(data[end + k]) != suffix[k])
-            return 0;
+    int exact = 1; /* the suffix written in lowercase (answer_missing needs it) */
+    for (Py_ssize_t k = 0; k < suffix_len; k++) {
+        if (data[end + k] != suffix[k]) {
+            exact = 0;
+            if (ascii_lower(data[end + k]) != suffix[k])
+                return 0;
+        }
+    }
     char name[64];
     for (Py_ssize_t k = 0; k < length; k++) {
         unsigned char c = data[13 + k];
@@ -724,7 +940,10 @@ answer_plain(Reader *self, int i)
     }
     group = PyDict_GetItemWithError(services, key);
     if (group == NULL) {
-        status = PyErr_Occurred() ? -1 : 0;
+        status = PyErr_Occurred() ? -1
+                 : (exact && self->nx_ok) ? answer_missing(self, i, snapshot, key, sname, end,
+                                                           qend, edns_size)
+                                          : 0;
         goto done;
     }
     Py_INCREF(group);
@@ -777,7 +996,7 @@ answer_plain(Reader *self, int i)
             status = -1;
             goto done;
         }
-        int here = store_here(self, self->miss_key, replies, body, sname);
+        int here = store_here(self, self->miss_key, replies, body, sname, self->counter_key);
         if (here < 0) {
             status = -1;
             goto done;
@@ -792,19 +1011,10 @@ answer_plain(Reader *self, int i)
             }
         }
     }
-    /* metrics.queries[counter_key] += 1 (a Counter: a missing key counts 0) */
-    PyObject *count = PyDict_GetItemWithError(self->counts, self->counter_key);
-    if (count == NULL && PyErr_Occurred()) {
+    if (count_query(self, self->counter_key) < 0) {
         status = -1;
         goto done;
     }
-    PyObject *next = PyNumber_Add(count ? count : int_zero, int_one);
-    if (next == NULL || PyDict_SetItem(self->counts, self->counter_key, next) < 0) {
-        Py_XDECREF(next);
-        status = -1;
-        goto done;
-    }
-    Py_DECREF(next);
     if (queue_reply(self, body, data, &self->in_addr[i],
                     self->in_msgs[i].msg_hdr.msg_namelen) < 0)
         self->send_errors++; /* (as Reader_next counts a reply the full queue refuses) */
@@ -931,6 +1141,140 @@ Reader_next(Reader *self, PyObject *reply)
     return serve(self);
 }
 
+/* The exception being raised handed to on_failed(exc, reading), then cleared; 0, or -1 when
+   on_failed itself raised (that exception stays set). */
+static int
+report_failure(Reader *self, int reading)
+{
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    PyObject *args[2] = {exc, reading ? Py_True : Py_False};
+    PyObject *done = PyObject_Vectorcall(self->on_failed, args, 2, NULL);
+    Py_DECREF(exc);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+/* Python's reply to one datagram handed over (`item`: data, address, kind), a new reference:
+   bytes, or None for none (an exception of the Exception kind reported, as the pure path's
+   datagram_received logs it); NULL only for what must stop the loop (KeyboardInterrupt...). */
+static PyObject *
+python_reply(Reader *self, PyObject *item)
+{
+    PyObject *data = PyTuple_GET_ITEM(item, 0), *addr = PyTuple_GET_ITEM(item, 1);
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+    PyObject *miss = Py_None, *reply;
+    Py_INCREF(miss);
+    if (kind == KIND_MISS) {
+        Py_ssize_t size = PyBytes_GET_SIZE(data);
+        Py_SETREF(miss, PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + (size > 2 ? 2 : size),
+                                                  size > 2 ? size - 2 : 0));
+        if (miss == NULL)
+            goto failed;
+    }
+    long long started = kind == KIND_SAMPLED ? monotonic_ns() : 0;
+    PyObject *args[3] = {data, addr, miss};
+    reply = PyObject_Vectorcall(self->on_answer, args, 3, NULL);
+    Py_DECREF(miss);
+    if (reply == NULL)
+        goto failed;
+    if (reply != Py_None && !PyBytes_Check(reply)) {
+        Py_DECREF(reply);
+        PyErr_Format(PyExc_TypeError, "a reply is bytes or None, not %.100s",
+                     Py_TYPE(reply)->tp_name);
+        goto failed;
+    }
+    if (kind == KIND_SAMPLED && reply != Py_None) {
+        PyObject *seconds = PyFloat_FromDouble((double)(monotonic_ns() - started) / 1e9);
+        PyObject *done = seconds ? PyObject_Vectorcall(self->on_observe, &seconds, 1, NULL) : NULL;
+        Py_XDECREF(seconds);
+        if (done == NULL) {
+            Py_DECREF(reply);
+            goto failed;
+        }
+        Py_DECREF(done);
+    }
+    return reply;
+failed:
+    if (!PyErr_ExceptionMatches(PyExc_Exception) || report_failure(self, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* What the event loop calls when the socket is readable: read() and next() until the batch is
+   done, Python's answers got from on_answer, every failure reported to on_failed (a read's
+   OSError with reading=True), on_blocked() called when replies wait for room. */
+static PyObject *
+Reader_readable(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buffers == NULL || self->on_answer == NULL)
+        Py_RETURN_NONE; /* closed (a wakeup already on its way) or not given callbacks */
+    Py_INCREF(self); /* (a callback may close and drop the last reference to this reader) */
+    PyObject *item = Reader_read(self, NULL);
+    while (item != NULL && item != Py_None) {
+        PyObject *reply = python_reply(self, item);
+        Py_DECREF(item);
+        if (reply == NULL || self->buffers == NULL) {
+            Py_XDECREF(reply);
+            item = reply == NULL ? NULL : Py_None;
+            if (item != NULL)
+                Py_INCREF(item);
+            break;
+        }
+        item = Reader_next(self, reply);
+        Py_DECREF(reply);
+    }
+    PyObject *result = NULL;
+    if (item == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_OSError) || report_failure(self, 1) < 0)
+            goto done; /* (a MemoryError, say: the loop's exception handler logs it) */
+    } else {
+        Py_DECREF(item);
+    }
+    if (self->blocked && self->on_blocked != NULL) {
+        PyObject *done = PyObject_CallNoArgs(self->on_blocked);
+        if (done == NULL)
+            goto done;
+        Py_DECREF(done);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_DECREF(self);
+    return result;
+}
+
+static PyObject *
+Reader_callbacks(Reader *self, PyObject *args)
+{
+    PyObject *answer, *observe, *failed, *blocked;
+    if (!PyArg_ParseTuple(args, "OOOO", &answer, &observe, &failed, &blocked))
+        return NULL;
+    if (!PyCallable_Check(answer) || !PyCallable_Check(observe) || !PyCallable_Check(failed)
+        || !PyCallable_Check(blocked)) {
+        PyErr_SetString(PyExc_TypeError, "callbacks() takes four callables");
+        return NULL;
+    }
+    PyObject *given[4] = {answer, observe, failed, blocked};
+    PyObject **slots[4] = {&self->on_answer, &self->on_observe, &self->on_failed,
+                           &self->on_blocked};
+    for (int k = 0; k < 4; k++) {
+        Py_INCREF(given[k]);
+        Py_XSETREF(*slots[k], given[k]);
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+callbacks_clear(Reader *self)
+{
+    Py_CLEAR(self->on_answer);
+    Py_CLEAR(self->on_observe);
+    Py_CLEAR(self->on_failed);
+    Py_CLEAR(self->on_blocked);
+}
+
 static PyObject *
 Reader_send(Reader *self, PyObject *args)
 {
@@ -1007,6 +1351,7 @@ Reader_close(Reader *self, PyObject *Py_UNUSED(ignored))
     plain_clear(self);
     Py_CLEAR(self->responder);
     Py_CLEAR(self->miss_key);
+    callbacks_clear(self);
     Py_RETURN_NONE;
 }
 
@@ -1118,6 +1463,7 @@ Reader_dealloc(Reader *self)
     plain_clear(self);
     Py_CLEAR(self->responder);
     Py_CLEAR(self->miss_key);
+    callbacks_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1135,6 +1481,14 @@ static PyMethodDef Reader_methods[] = {
     {"next", (PyCFunction)Reader_next, METH_O,
      "next(reply) -> (data, address, kind) | None\n\nThe reply (bytes, or None for no reply "
      "now) to the datagram handed over last; then as read() for the rest of the batch."},
+    {"readable", (PyCFunction)Reader_readable, METH_NOARGS,
+     "readable()\n\nFor the event loop when the socket is readable: the batch answered (hits "
+     "here, the rest by the callbacks' answer), its replies sent; nothing while closed."},
+    {"callbacks", (PyCFunction)Reader_callbacks, METH_VARARGS,
+     "callbacks(answer, observe, failed, blocked)\n\nWhat readable() calls: answer(data, "
+     "address, miss key or None) -> reply or None; observe(seconds) for a sampled reply; "
+     "failed(exception, reading) for an exception answering (or an OSError reading); "
+     "blocked() once replies wait for room."},
     {"send", (PyCFunction)Reader_send, METH_VARARGS,
      "send(reply, address) -> bool\n\nA reply made later (a forward's), sent now or queued "
      "while blocked; False when dropped (the queue is full)."},
@@ -1213,7 +1567,12 @@ PyInit__udpbatch(void)
                  {&str_enabled, "enabled"},         {&str_max_entry_bytes, "max_entry_bytes"},
                  {&str_max_entries, "max_entries"}, {&str_max_bytes, "max_bytes"},
                  {&str_bytes, "bytes"},             {&str_tagged, "_tagged"},
-                 {&str_order, "_order"},            {&str_append, "append"}};
+                 {&str_order, "_order"},            {&str_append, "append"},
+                 {&str_nxdomains, "nxdomains"},     {&str_soa_ttl, "soa_ttl"},
+                 {&str_soa_times, "soa_times"},     {&str_nx_counter_key, "nx_counter_key"},
+                 {&str_suffix_text, "suffix_text"}, {&str_seen, "seen"},
+                 {&str_failover, "failover"},       {&str_default_sameness, "default_sameness"},
+                 {&str_serial, "serial"}};
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
         if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
             return NULL;

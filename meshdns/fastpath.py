@@ -9,8 +9,11 @@ takes the general path: tags, localities, failover, hostnames, other families, a
 ``PlainPath`` goes further for the cold path (every answer built): it reads such a question
 straight from the packet's bytes, without building a ``Question``, when the packet is nothing
 but the header, that one question and at most a bare OPT record, and does the whole miss (reply,
-cache entry, count) in one function. Anything else (other shapes, odd bytes, options, what
-parse_query would refuse) returns None and is parsed by ``wire.parse_query`` as before.
+cache entry, count) in one function. It also answers the NXDOMAIN of such a name whose service
+does not exist, when there is nowhere else to look (no failover for the service, no default
+sameness group for the partition) and the suffix is in lowercase (the general path echoes the
+asked case into the SOA's owner otherwise). Anything else (other shapes, odd bytes, options,
+what parse_query would refuse) returns None and is parsed by ``wire.parse_query`` as before.
 
 The contract, checked by tests/test_fastpath.py: for the same answer order, the bytes are
 exactly those the general path produces.
@@ -25,6 +28,7 @@ from .cache import MAX_ORDERS, ResponseCache
 from .catalog.snapshot import Snapshot
 from .metrics import Metrics
 from .resolve import AAAA, A, Settings
+from .topnames import TopNames
 from .wire import MAX_TCP, NO_EDNS_MAX_ANSWERS, Limits, Question, edns_opt
 
 _HEADER = struct.Struct("!HHHHHH")
@@ -37,6 +41,8 @@ _OPT_HEAD = b"\x00\x00\x29"  # the root owner, type OPT
 _OPT_TAIL = struct.Struct("!HIH")  # UDP size, TTL (extended rcode, version, DO), rdlength
 _BODY_HEAD = struct.Struct("!HHHHH")  # a header after its ID
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, no answer or authority records
+_U32 = struct.Struct("!I")
+_SOA_TIMES = struct.Struct("!IIII")  # refresh, retry, expire, minimum
 
 
 def service_addresses(question: Question, snap: Snapshot, s: Settings,
@@ -73,13 +79,16 @@ class PlainPath:
 
     __slots__ = ("suffix", "suffix_len", "dc", "partition", "only_passing", "ttl_of",
                  "fixed_heads", "ra", "tcp", "max_udp_size", "limit_answers", "truncate",
-                 "a_record_limit", "counter_key", "random", "metrics")
+                 "a_record_limit", "counter_key", "random", "metrics", "suffix_text",
+                 "soa_ttl", "soa_times", "nx_counter_key", "nxdomains")
 
     def __init__(self, domain_labels: tuple[str, ...], s: Settings, tcp: bool,
                  udp_answer_limit: int, enable_truncate: bool, max_udp_size: int,
-                 recursion: bool, draw: Callable[[], float], metrics: Metrics) -> None:
+                 recursion: bool, draw: Callable[[], float], metrics: Metrics,
+                 nxdomains: TopNames) -> None:
         self.suffix = service_suffix(domain_labels)
         self.suffix_len = len(self.suffix)
+        self.suffix_text = ".service." + ".".join(domain_labels)  # (as the suffix, dotted)
         self.dc, self.partition, self.only_passing = s.local_dc, s.partition, s.only_passing
         self.ttl_of = s.service_ttl
         # one TTL for every service (no dns.service_ttl rules, or only "*"): the record heads
@@ -99,6 +108,12 @@ class PlainPath:
         self.truncate = enable_truncate
         self.a_record_limit = s.a_record_limit
         self.counter_key = ("service", "NOERROR", "tcp" if tcp else "udp")
+        # a missing service's NXDOMAIN: the SOA's TTL, and its rdata after the serial
+        self.soa_ttl = _U32.pack(s.soa_min_ttl)
+        self.soa_times = _SOA_TIMES.pack(s.soa_refresh, s.soa_retry, s.soa_expire,
+                                         s.soa_min_ttl)
+        self.nx_counter_key = ("service", "NXDOMAIN", "tcp" if tcp else "udp")
+        self.nxdomains = nxdomains
         self.random = draw
         self.metrics = metrics
 
@@ -145,10 +160,13 @@ class PlainPath:
             return None
         else:
             edns_size = -1
-        name = name.lower()
-        group = snap.services.get(("", self.dc, self.partition, "default", name))
+        lowered = name.lower()
+        where = ("", self.dc, self.partition, "default", lowered)
+        group = snap.services.get(where)
         if group is None:
-            return None
+            return self._missing(data, key, snap, cache, name, lowered, where, end, qend,
+                                 edns_size)
+        name = lowered
         found = group.passing if self.only_passing else group.usable
         if not found:
             return None  # failover, or NXDOMAIN: the general path knows
@@ -212,6 +230,35 @@ class PlainPath:
         if cache.enabled:  # a plain question is always a plain query (cache.plain_query)
             cache.store(key, (body,), 0 if pending is None else int(self.random() * MAX_ORDERS),
                         self.counter_key, name, pending)
+        return data[:2] + body
+
+    def _missing(self, data: bytes, key: bytes, snap: Snapshot, cache: ResponseCache,
+                 asked: str, name: str, where: tuple[str, str, str, str, str], end: int,
+                 qend: int, edns_size: int) -> bytes | None:
+        """NXDOMAIN for a service the catalog does not have, where nothing else is tried
+        (no failover for it, no default sameness group in the partition) and the suffix is
+        written in lowercase (the SOA's names then point into the question, as wire.encode
+        compresses them: exact case only); else None."""
+        if not data.startswith(self.suffix, end) or snap.failover.get(where) \
+                or snap.default_sameness.get(self.partition) is not None \
+                or not 0 <= snap.serial <= 0xFFFFFFFF:
+            return None
+        domain = (0xC000 | (end + 8)).to_bytes(2, "big")  # the domain, after "service"
+        if edns_size < 0:
+            opt = b""
+        else:
+            opt = _OPT_HEAD + _OPT_TAIL.pack(min(max(edns_size, 512), 65535),
+                                             0x8000 if data[qend + 7] & 0x80 else 0, 0)
+        flags = 0x8403 | (data[2] & 0x01) << 8 | (data[3] & 0x10) | self.ra
+        body = b"".join((_BODY_HEAD.pack(flags, 1, 0, 1, 1 if opt else 0), data[12:qend],
+                         domain, b"\x00\x06\x00\x01", self.soa_ttl, b"\x00\x26\x02ns", domain,
+                         b"\x0ahostmaster", domain, _U32.pack(snap.serial), self.soa_times,
+                         opt))
+        counter_key = self.nx_counter_key
+        self.metrics.queries[counter_key] += 1
+        if cache.enabled:
+            cache.store(key, (body,), 0, counter_key, name, None)
+        self.nxdomains.seen(asked + self.suffix_text, cache.entries, key)
         return data[:2] + body
 
 

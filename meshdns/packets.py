@@ -2,12 +2,14 @@
 
 The compiled path reads datagrams in batches (one ``recvmmsg`` for up to BATCH of them),
 answers the cache hits in C and sends the replies of a batch together with one ``sendmmsg`` (no
-reply waits more than 0.2 ms for Python to make the others); whatever is
-not a plain hit (nor the commonest miss, a one-instance ``<name>.service`` A/AAAA, which it
-answers as ``fastpath.PlainPath`` does) is handed to the same Python code the pure path runs
-(``UdpProtocol.reply``),
-one datagram at a time and in arrival order, so the replies are byte for byte the same
-(tests/test_packet_path.py). The pure path is asyncio's datagram transport and
+reply waits more than 0.2 ms for Python to make the others). The event loop calls the reader's
+``readable`` itself, so a wakeup whose datagrams are all answered in C runs no Python at all.
+Whatever is not a plain hit (nor the commonest misses, a one-instance ``<name>.service`` A/AAAA
+and the NXDOMAIN of a service that does not exist with nowhere else to look, which it answers as
+``fastpath.PlainPath`` does) is handed to the same Python code the pure path runs
+(``UdpProtocol.reply``), one datagram at a time and in arrival order, so the replies are byte
+for byte the same (tests/test_packet_path.py, tests/test_fastpath.py). An exception from that
+code loses only its own reply (logged); the rest of the batch is answered. The pure path is asyncio's datagram transport and
 ``UdpProtocol.datagram_received``. ``MESHDNS_PURE_PYTHON=1`` chooses the pure path even where
 the extension is built; ``pip install`` builds it where gcc and the Python headers are.
 
@@ -24,7 +26,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -59,44 +60,24 @@ class CompiledUdp:
                  sample_every: int, responder: Any = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.answer = answer  # (data, address, cache key of a miss or None) -> reply or None
-        self.observe = observe
         self.reader: Any = module.Reader(self.fd, entries, Cached, rebuild_after,
                                          sample_every, BATCH)
-        # the one-instance plain miss in C too (see _udpbatch.c; an older build lacks it)
-        if responder is not None and hasattr(self.reader, "plain"):
+        # the event loop calls the reader itself (no Python frame per wakeup); it calls
+        # answer(data, address, cache key of a miss or None) for what it leaves to Python
+        self.reader.callbacks(answer, observe, self._failed, self._wait_for_room)
+        if responder is not None:  # the one-instance plain miss in C too (see _udpbatch.c)
             self.reader.plain(responder)
-        self._miss, self._sampled = module.MISS, module.SAMPLED
         self.loop = asyncio.get_running_loop()
         self.closing = False
         self.waiting = False  # for room in the send buffer: not reading meanwhile
-        self.loop.add_reader(self.fd, self._readable)
+        self.loop.add_reader(self.fd, self.reader.readable)
 
-    def _readable(self) -> None:
-        reader, answer = self.reader, self.answer
-        miss, sampled = self._miss, self._sampled
-        try:
-            item = reader.read()
-            while item is not None:
-                data, addr, kind = item
-                try:
-                    if kind == miss:
-                        reply = answer(data, addr, data[2:])
-                    elif kind == sampled:
-                        started = time.perf_counter()
-                        reply = answer(data, addr, None)
-                        if reply is not None:
-                            self.observe(time.perf_counter() - started)
-                    else:
-                        reply = answer(data, addr, None)
-                except Exception:  # never die on a packet (and never leave a batch half done)
-                    log.exception("internal error answering a UDP query")
-                    reply = None
-                item = reader.next(reply)
-        except OSError as exc:  # (errors queued on the socket are ignored in C already)
+    @staticmethod
+    def _failed(exc: BaseException, reading: bool) -> None:
+        if reading:  # (errors queued on the socket are ignored in C already)
             log.debug("UDP read failed: %s", exc)
-        if reader.blocked:
-            self._wait_for_room()
+        else:  # never die on a packet (and never leave a batch half done)
+            log.error("internal error answering a UDP query", exc_info=exc)
 
     def sendto(self, reply: bytes, addr: tuple) -> None:
         """Send a reply made later (queued while the send buffer is full)."""
@@ -118,7 +99,7 @@ class CompiledUdp:
         if self.reader.flush():
             self.waiting = False
             self.loop.remove_writer(self.fd)
-            self.loop.add_reader(self.fd, self._readable)
+            self.loop.add_reader(self.fd, self.reader.readable)
 
     def close(self) -> None:
         """Stop reading, send what is queued if there is room, close the socket."""

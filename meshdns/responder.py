@@ -133,7 +133,7 @@ class Responder:
         self.udp_plain, self.tcp_plain = (
             PlainPath(self.primary_labels, self.settings, tcp, dns.udp_answer_limit,
                       dns.enable_truncate, self.max_udp_size, self.recursion,
-                      self._random.random, self.metrics)
+                      self._random.random, self.metrics, self.nxdomains)
             for tcp in (False, True))
         c = config.cache
         for cache in (self.udp_cache, self.tcp_cache):  # resized in place: the UDP path holds it

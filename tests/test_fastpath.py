@@ -175,6 +175,16 @@ def _packets() -> list[bytes]:
         if not rd:
             msg.flags &= ~dns.flags.RD
         out.append(msg.to_wire())
+    for payload in (None, 512, 4096):  # a missing service: NXDOMAIN from the packet path too
+        for dnssec in (False, True):
+            for text in ("nope.service.consul", "No-Such.service.consul", "n.service.consul"):
+                msg = dns.message.make_query(text, "A" if dnssec else "AAAA",
+                                             use_edns=None if payload is None else 0,
+                                             payload=payload or 0, want_dnssec=dnssec)
+                msg.flags |= dns.flags.CD if dnssec else 0
+                out.append(msg.to_wire())
+    for text in ("nope.SERVICE.consul", "nope.service.CONSUL", "nope.service.consul.extra"):
+        out.append(dns.message.make_query(text, "A").to_wire())  # (the general path's)
     for text in ("WEB.SERVICE.CONSUL", "web.Service.Consul", "_web.service.consul",
                  "web.service.consul.extra", "web.servic.consul", "nope.service.consul",
                  "down.service.consul", "named.service.consul", "mixed.service.consul",
@@ -226,6 +236,38 @@ def test_packet_reader_replies_are_byte_identical(config_name: str, tcp: bool,
     assert fast.metrics.truncated == general.metrics.truncated
     assert set(fast.udp_cache.entries) == set(general.udp_cache.entries)
     assert set(fast.tcp_cache.entries) == set(general.tcp_cache.entries)
+    for key, entry in fast.udp_cache.entries.items():  # the same tag: a change drops both
+        assert entry.tag == general.udp_cache.entries[key].tag
+        assert entry.counter_key == general.udp_cache.entries[key].counter_key
+    assert fast.nxdomains.top() == general.nxdomains.top() != []  # the status page's names
+
+
+def test_a_missing_service_with_somewhere_else_to_look_is_the_general_paths() -> None:
+    """NXDOMAIN from the packet path only where the general path looks nowhere else: a
+    catalog failover for the name, or a default sameness group, makes it stand aside."""
+    nodes = [{"name": "n1", "address": "10.0.0.1"},
+             {"name": "p1", "address": "10.3.0.1", "partition": "part-2"}]
+    services = [{"name": "late", "node": "p1", "partition": "part-2", "port": 1}]
+    catalogs = {
+        "failover": {"failover": [{"service": "late", "targets": [{"partition": "part-2"}]}]},
+        "sameness": {"sameness_groups": [{"name": "mesh", "default_for_failover": True,
+                                          "members": [{"partition": "part-2"}]}]},
+    }
+    for what, extra in catalogs.items():
+        snap = build_snapshot(Catalog.model_validate({"nodes": nodes, "services": services,
+                                                       **extra}), local_datacenter="dc1")
+        responder = Responder(Config(), snap)
+        data = dns.message.make_query("late.service.consul", "A").to_wire()
+        assert responder.udp_plain.respond(data, data[2:], snap, responder.udp_cache) is None
+        reply = dns.message.from_wire(responder.respond(data))  # type: ignore[arg-type]
+        assert [rr.address for rrset in reply.answer for rr in rrset] == ["10.3.0.1"], what
+        other = dns.message.make_query("other.service.consul", "A").to_wire()
+        if what == "failover":  # (a name without failover is still the packet path's)
+            assert responder.udp_plain.respond(other, other[2:], snap,
+                                               responder.udp_cache) is not None
+        else:
+            assert responder.udp_plain.respond(other, other[2:], snap,
+                                               responder.udp_cache) is None
 
 
 def test_packet_path_takes_what_the_general_path_reads_as_plain() -> None:
@@ -239,7 +281,14 @@ def test_packet_path_takes_what_the_general_path_reads_as_plain() -> None:
         except (Drop, Reject):
             assert taken is None, data
             continue
+        labels = question.labels
+        missing = len(labels) == 3 and labels[1:] == ("service", "consul") \
+            and question.qtype in (1, 28) and question.qclass == 1 \
+            and ("", "dc1", "default", "default", labels[0]) not in HUGE.services \
+            and question.name.endswith(".service.consul") and labels[0][:1] != "_" \
+            and labels[0].isascii() and "." not in labels[0]
         plain = (question.edns is None or question.edns.ecs is None) \
             and plain_query(question, len(data)) \
-            and service_addresses(question, HUGE, responder.settings, ("consul",)) is not None
+            and (missing or service_addresses(question, HUGE, responder.settings,
+                                              ("consul",)) is not None)
         assert (taken is not None) == plain, data

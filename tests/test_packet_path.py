@@ -112,9 +112,14 @@ class LoopThread:
         self.thread.join(10)
 
 
-def differential_catalog(path: Path) -> Path:
-    """The example catalog, plus a service with 30 instances (replies past 512 bytes)."""
+def differential_catalog(path: Path, default_sameness: bool = True) -> Path:
+    """The example catalog, plus a service with 30 instances (replies past 512 bytes); without
+    ``default_sameness`` its default sameness group is not (a missing service is NXDOMAIN at
+    once then, in C too, instead of failing over through the group)."""
     doc = yaml.safe_load(EXAMPLE_CATALOG.read_text())
+    if not default_sameness:
+        for group in doc["sameness_groups"]:
+            group["default_for_failover"] = False
     doc["nodes"] += [{"name": f"big-node-{i}", "address": f"10.9.0.{i + 1}"} for i in range(30)]
     doc["services"] += [{"name": "big", "node": f"big-node-{i}", "port": 9000 + i}
                         for i in range(30)]
@@ -183,6 +188,14 @@ def bursts() -> list[list[bytes]]:
              q("solo-host.service.consul"), q("solo-host.service.consul", "AAAA"),
              q("api.service.part-2.ap.consul"), q("v1.solo-1.service.consul"),
              q("solo-5.service.consul", "AAAA", edns=100)]
+    # a missing service's NXDOMAIN (in C too), the name in any case; a suffix not in
+    # lowercase is Python's (the SOA's names are compressed to the question's exact case)
+    for i in range(10):
+        edns = (None, 0, 1232, 4096, 65535)[i % 5]
+        solo.append(q(f"gone-{i}.service.consul", ("A", "AAAA")[i % 2], edns=edns))
+    gone_do = dns.message.make_query("GONE-x.service.consul", "A", want_dnssec=True)
+    gone_do.id = next(ids)
+    solo += [gone_do.to_wire(), q("gone-y.SERVICE.consul"), q("gone-z.service.Consul")]
     out.append(solo + solo[:10])  # and again: hits now
     # not a plain query: answered, never cached (padding), so never a hit either
     padded = [dns.edns.GenericOption(dns.edns.OptionType.PADDING, b"\0" * 40)]
@@ -228,13 +241,14 @@ def exchange(loop: LoopThread, port: int, packets: list[bytes],
                 return replies
 
 
-@pytest.fixture()
-def two_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture(params=["example", "no-default-sameness"])
+def two_servers(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                 ) -> Iterator[tuple[LoopThread, DnsServer, DnsServer]]:
     monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
     monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
     config = Config(listen=["127.0.0.1:0"])
-    snapshot = FileSource(config, differential_catalog(tmp_path / "catalog.yaml")).load()
+    snapshot = FileSource(config, differential_catalog(
+        tmp_path / "catalog.yaml", request.param == "example")).load()
     loop = LoopThread()
     servers = []
 
@@ -286,6 +300,11 @@ def test_compiled_and_pure_paths_reply_byte_for_byte(
     reader = compiled.transports[0].reader  # type: ignore[attr-defined]
     assert reader.hits > 400 and reader.received > reader.hits
     assert reader.plain_answered >= 30  # the one-instance misses, answered in C
+    if not compiled.snapshot.default_sameness:  # and the missing services' NXDOMAINs
+        assert reader.plain_answered >= 60
+    # every NXDOMAIN counted for the status page alike
+    assert compiled.responder.nxdomains.top(100) == pure.responder.nxdomains.top(100)
+    assert ("GONE-x.service.consul", 1) in compiled.responder.nxdomains.top(100)
     assert reader.stored_here >= 20  # ... and most of their cache entries made there too,
     # out of the cyclic collector's sight (Python's are frozen out of it a second later)
     assert sum(not gc.is_tracked(e) for e in compiled.responder.udp_cache.entries.values()) >= 20
@@ -426,6 +445,55 @@ def test_a_full_send_buffer_delays_replies_and_loses_none() -> None:
         else:
             assert reply[2:].startswith(b"python:MISS")
     assert len(answered) == 20  # the misses: every hit was answered in C
+
+
+def test_a_failing_answer_loses_only_its_own_reply(caplog: pytest.LogCaptureFixture) -> None:
+    """The loop calls the reader itself (Reader.readable): an answer that raises is logged with
+    its traceback and leaves that one datagram unanswered, the rest of the batch and the next
+    batches are answered; every sampled reply is timed; a closed reader does nothing."""
+    module, why = compiled_module()
+    assert module is not None, why
+    server_end = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server_end.bind(("127.0.0.1", 0))
+    server_end.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(5)
+    entries = {b"HIT": Cached((b"cached",), 0, ("service", "NOERROR", "udp"), None, None, 6)}
+    timed: list[float] = []
+
+    def answer(data: bytes, addr: tuple, miss: bytes | None) -> bytes | None:
+        if data[2:] == b"BAD":
+            raise RuntimeError("a bug in the answer")
+        assert addr == client.getsockname()
+        return data[:2] + b"python:" + (miss or b"(sampled)")
+
+    async def scenario() -> tuple[list[bytes], CompiledUdp]:
+        listener = CompiledUdp(module, server_end, entries, answer, timed.append, 4096, 4)
+        replies: list[bytes] = []
+        for burst in ([b"MISS", b"BAD", b"HIT", b"HIT", b"MISS", b"HIT"], [b"HIT", b"MISS"]):
+            for i, tail in enumerate(burst):
+                client.sendto(bytes([len(replies), i]) + tail, server_end.getsockname())
+            expected = len(burst) - burst.count(b"BAD")
+            for _ in range(expected):
+                replies.append(await asyncio.get_running_loop().run_in_executor(
+                    None, client.recv, 4096))
+        listener.close()
+        listener.reader.readable()  # (a wakeup after close: nothing read, nothing raised)
+        return replies, listener
+
+    with caplog.at_level("DEBUG", logger="meshdns"):
+        replies, listener = uvloop.run(scenario())
+    client.close()
+    assert sorted(r[2:] for r in replies[:5]) == sorted(
+        [b"python:MISS", b"python:MISS", b"cached", b"cached", b"python:(sampled)"])
+    assert [r[2:] for r in replies[5:]] == [b"cached", b"python:(sampled)"]
+    failures = [r for r in caplog.records
+                if r.getMessage() == "internal error answering a UDP query"]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "a bug in the answer" in str(failures[0].exc_info[1])
+    assert listener.reader.received == 8
+    assert len(timed) == 2 and all(0 <= t < 5 for t in timed)  # the 4th and 8th datagrams
 
 
 # --- end to end -------------------------------------------------------------------------------
