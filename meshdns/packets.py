@@ -9,9 +9,10 @@ and the NXDOMAIN of a service that does not exist with nowhere else to look, whi
 ``fastpath.PlainPath`` does) is handed to the same Python code the pure path runs
 (``UdpProtocol.reply``), one datagram at a time and in arrival order, so the replies are byte
 for byte the same (tests/test_packet_path.py, tests/test_fastpath.py). An exception from that
-code loses only its own reply (logged); the rest of the batch is answered. The pure path is asyncio's datagram transport and
-``UdpProtocol.datagram_received``. ``MESHDNS_PURE_PYTHON=1`` chooses the pure path even where
-the extension is built; ``pip install`` builds it where gcc and the Python headers are.
+code loses only its own reply (logged); the rest of the batch is answered. The pure path is
+asyncio's datagram transport and ``UdpProtocol.datagram_received``. ``MESHDNS_PURE_PYTHON=1``
+chooses the pure path even where the extension is built; ``pip install`` builds it where gcc
+and the Python headers are.
 
 A full socket send buffer (EAGAIN) loses nothing: the replies wait, no datagram is read until
 they are out (the kernel's receive buffer holds the queries meanwhile), and reading resumes once
@@ -46,7 +47,10 @@ def compiled_module() -> tuple[ModuleType | None, str]:
         from . import _udpbatch
     except ImportError as exc:
         return None, f"pure Python (the compiled extension is not built: {exc})"
-    return _udpbatch, "compiled (meshdns._udpbatch: recvmmsg/sendmmsg, cache hits in C)"
+    return _udpbatch, (
+        "compiled (meshdns._udpbatch: recvmmsg/sendmmsg, cache hits and the one-instance and"
+        " NXDOMAIN plain misses in C)"
+    )
 
 
 class CompiledUdp:
