@@ -303,6 +303,17 @@ def _cpu_since(before: tuple[float, float, float, float], pid: int) -> tuple[flo
     return tuple(round(100 * v / wall, 1) for v in (server, client, background))
 
 
+def server_cpu(pid: int) -> float:
+    """CPU seconds of the server's process tree: the scheduler's nanoseconds for the live
+    tasks (``tree_runtime``) plus the reaped children's ticks (dnsmasq forks per TCP client);
+    /proc's whole ticks alone where schedstat reads 0 (a kernel without it). A 10 ms tick is
+    ~2% of a cold pass's 0.5 s, enough to tip a ratio over a target."""
+    live = tree_runtime(pid)
+    if live <= 0:
+        return srv.cpu_seconds(pid)
+    return live + srv.reaped_cpu_seconds(pid)
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -312,7 +323,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -> dict:
     """Server CPU per answered query at a fixed offered rate (wl.cpu_rate, or --cpu-rate):
-    user + system time of the server's process tree from /proc, over dnsperf's run. At equal
+    the CPU time of the server's process tree (``server_cpu``), over dnsperf's run. At equal
     load this does not depend on the client's own ceiling, so it compares servers fairly."""
     rate = wl.cpu_rate if wl.once else args.cpu_rate
     seconds = args.cpu_seconds
@@ -321,11 +332,11 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
             seconds = sum(1 for _ in fh) / rate + args.query_timeout + 1
     settle(running.pid)
     before = _cpu_snapshot(running.pid)
+    used = server_cpu(running.pid)
     stats = dnsperf(args, running.port, qfile, wl, seconds, out, rate=rate)
-    after = _cpu_snapshot(running.pid)
+    used = server_cpu(running.pid) - used
     background = _cpu_since(before, running.pid)[2]
     completed = int(stats.get("completed", 0))
-    used = after[1] - before[1]
     return {
         "cpu_us": round(used / completed * 1e6, 2) if completed else None,
         "cpu_rate": rate,
@@ -398,6 +409,50 @@ def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile
         got = [v for v in values if v is not None]
         if got:
             out["median_us"][name] = round(statistics.median(got), 2)
+    mesh = figures.get("meshdns", [])
+    for peer in names:
+        if peer == "meshdns":
+            continue
+        pairs = [m / o for m, o in zip(mesh, figures[peer]) if m is not None and o]
+        if pairs:
+            out["ratio_median"][peer] = round(statistics.median(pairs), 3)
+    return out
+
+
+def paired_p99(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
+               probes: list[zonemod.Probe], opts: srv.Options, workdir: Path,
+               rates: dict[str, int]) -> dict:
+    """The latency pass again, meshdns and each peer back to back in every round, a fresh
+    server each time (warmed for 2 s at its rate unless the workload asks each name once),
+    each at its own rate from the main run (half its saturating qps): one 5 s pass's p99
+    moves by tens of percent between runs, more than the gap between two servers, so one
+    pass each cannot say which is lower. The median over rounds of each server's p99 and of
+    each round's ratio meshdns / peer."""
+    ready = probes[-1] if wl.zone == "cold" else probes[0]
+    figures: dict[str, list[float | None]] = {n: [] for n in names}
+    for round_no in range(args.paired_p99):
+        for name in names:
+            run_dir = workdir / "paired-p99" / f"{name}-{wl.name}-{round_no}"
+            running = srv.start(name, files, run_dir, opts, ready)
+            try:
+                if not wl.once:
+                    dnsperf(args, running.port, qfile, wl, 2.0, run_dir / "warm.txt",
+                            rate=rates[name])
+                settle(running.pid)
+                got = latency_pass(args, running, qfile, wl, rates[name],
+                                   run_dir / "latency.txt")
+                figures[name].append(got["p99_ms"])
+            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
+                print(f"bench: paired p99 {name} {wl.name} round {round_no}: {exc}", flush=True)
+                figures[name].append(None)
+            finally:
+                running.stop()
+    out: dict = {"rounds": args.paired_p99, "rates": {n: rates[n] for n in names},
+                 "p99_ms": figures, "median_ms": {}, "ratio_median": {}}
+    for name, values in figures.items():
+        got = [v for v in values if v is not None]
+        if got:
+            out["median_ms"][name] = round(statistics.median(got), 3)
     mesh = figures.get("meshdns", [])
     for peer in names:
         if peer == "meshdns":
@@ -613,11 +668,13 @@ def _row(rows: list[Row], server: str, workload: str) -> Row | None:
                  and not r.error), None)
 
 
-def targets(rows: list[Row], paired: dict[str, dict] | None = None) -> list[str]:
+def targets(rows: list[Row], paired: dict[str, dict] | None = None,
+            paired_lat: dict[str, dict] | None = None) -> list[str]:
     """Issue 12's targets, each with the figures of this run: meshdns against each peer
-    (the CPU ones also from the paired pass, the steadier figure)."""
+    (the CPU and p99 ones also from the paired passes, the steadier figures)."""
     out = []
     paired = paired or {}
+    paired_lat = paired_lat or {}
     udp = [w for w in dict.fromkeys(r.workload for r in rows) if not WORKLOADS[w].tcp]
 
     def check(label: str, workload: str, peer: str, attr: str, limit: float,
@@ -644,6 +701,16 @@ def targets(rows: list[Row], paired: dict[str, dict] | None = None) -> list[str]
                    f"({got['rounds']} rounds; medians {mesh} / {other} µs): median ratio "
                    f"{ratio:.2f} (<= {limit:g})")
 
+    def check_paired_p99(workload: str, peer: str) -> None:
+        got = paired_lat.get(workload, {})
+        ratio = got.get("ratio_median", {}).get(peer)
+        if ratio is None:
+            return
+        mesh, other = got["median_ms"].get("meshdns"), got["median_ms"].get(peer)
+        out.append(f"  {'met ' if ratio <= 1.0 else 'MISS'} {workload} p99 at half rate vs "
+                   f"{peer}, paired ({got['rounds']} rounds; medians {mesh} / {other} ms): "
+                   f"median ratio {ratio:.2f} (<= 1)")
+
     for peer in PEERS:
         check("hot CPU µs/query at 40k q/s", "hot", peer, "cpu_us", 1.0, True)
         check_paired("hot CPU µs/query at 40k q/s", "hot", peer, 1.0)
@@ -653,6 +720,7 @@ def targets(rows: list[Row], paired: dict[str, dict] | None = None) -> list[str]
         check("hot saturating qps", "hot", peer, "qps", 0.95, False)
         for w in udp:
             check(f"{w} p99 at half rate (ms)", w, peer, "p99_ms", 1.0, True)
+            check_paired_p99(w, peer)
     return out
 
 
@@ -779,6 +847,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds of the paired CPU pass: meshdns and each peer, back to back, per round "
         "(hot and cold; default 5, quick 2; 0 skips it)",
     )
+    p.add_argument(
+        "--paired-p99",
+        type=int,
+        help="rounds of the paired latency pass: meshdns and each peer, back to back, per "
+        "round, each at its own half rate (every UDP workload; default 3, quick 1; 0 skips it)",
+    )
     p.add_argument("--clients", type=int, default=4, help="dnsperf -c (default 4)")
     p.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (default 100)")
     p.add_argument(
@@ -830,6 +904,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.paired = 2 if args.quick else 5
     if args.paired < 0:
         p.error("--paired: 0 or more")
+    if args.paired_p99 is None:
+        args.paired_p99 = 1 if args.quick else 3
+    if args.paired_p99 < 0:
+        p.error("--paired-p99: 0 or more")
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for s in args.server_list:
@@ -974,6 +1052,25 @@ def main(argv: list[str] | None = None) -> int:
             print(", ".join(f"{n} {v} µs/q" for n, v in paired[wl_name]["median_us"].items()),
                   flush=True)
 
+    paired_lat: dict[str, dict] = {}
+    if args.paired_p99 and "meshdns" in args.server_list and peers and not args.meshdns_error:
+        for wl_name in args.workload_list:
+            wl = WORKLOADS[wl_name]
+            if wl.tcp:
+                continue
+            rates = {r.server: r.p99_rate for r in rows
+                     if r.workload == wl_name and not r.error and r.p99_rate}
+            names = [n for n in ("meshdns", *peers) if n in rates]
+            if "meshdns" not in names or len(names) < 2:
+                continue
+            print(f"bench: paired p99 pass, {wl_name}: {args.paired_p99} rounds of "
+                  f"{', '.join(names)} ...", end=" ", flush=True)
+            paired_lat[wl_name] = paired_p99(
+                args, names, wl, files[wl.zone], qfiles[wl.queries],
+                zonemod.probes(sizes[wl.zone]), opts, workdir, rates)
+            print(", ".join(f"{n} p99 {v} ms" for n, v in paired_lat[wl_name]["median_ms"].items()),
+                  flush=True)
+
     add_ratios(rows)
     print()
     print(table(rows))
@@ -987,6 +1084,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({', '.join('-' if v is None else f'{v:g}' for v in per[n])})" for n in per))
             for peer, ratio in got["ratio_median"].items():
                 print(f"        meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
+    if paired_lat:
+        print("\npaired p99 pass (a fresh server each, back to back in each round, each at its "
+              "own half rate; medians):")
+        for wl_name, got in paired_lat.items():
+            per = got["p99_ms"]
+            print(f"  {wl_name:10} " + "; ".join(
+                f"{n} {got['median_ms'].get(n, '-')} ms at {got['rates'][n]:,}/s "
+                f"({', '.join('-' if v is None else f'{v:.3f}' for v in per[n])})" for n in per))
+            for peer, ratio in got["ratio_median"].items():
+                print(f"             meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
     notes = []
     for r in rows:
         for problem in r.check_problems:
@@ -1007,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if notes:
         print("\n" + "\n".join(notes))
-    goals = targets(rows, paired)
+    goals = targets(rows, paired, paired_lat)
     if goals:
         print("\ntargets (issue 12), this run:\n" + "\n".join(goals))
     found = versions(args.server_list)
@@ -1025,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "targets": goals,
         "paired_cpu": paired,
+        "paired_p99": paired_lat,
         "results": [r.__dict__ for r in rows],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

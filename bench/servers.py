@@ -298,6 +298,19 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def reaped_cpu_seconds(pid: int) -> float:
+    """The CPU time of the tree's reaped children (cutime + cstime), in whole ticks."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[13]) + int(fields[14])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / CLK_TCK
+
+
 def system_busy_seconds() -> float:
     """CPU time spent busy by the whole machine (all CPUs, steal included), from /proc/stat."""
     with open("/proc/stat") as fh:
