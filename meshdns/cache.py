@@ -45,7 +45,8 @@ class Cached:
     """A cached reply: its encodings (one per answer order, without the ID) and its use.
 
     ``turn`` advances on every hit and picks the order. ``start`` is the turn the encodings
-    were made at (the packet path rebuilds them after REBUILD_AFTER hits); hits since
+    were made at, or last kept at (the packet path rebuilds them after REBUILD_AFTER hits, at
+    most once per REBUILD_SECONDS: see Responder.cached_reply); hits since
     ``counted`` are the queries answered from it that the metrics have not counted yet
     (counting them one by one would be the most expensive thing on the hot path)."""
 

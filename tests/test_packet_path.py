@@ -246,6 +246,7 @@ def two_servers(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
                 ) -> Iterator[tuple[LoopThread, DnsServer, DnsServer]]:
     monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
     monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
+    monkeypatch.setattr(meshdns.responder, "REBUILD_SECONDS", 0.0)  # (each crossing rebuilds)
     config = Config(listen=["127.0.0.1:0"])
     snapshot = FileSource(config, differential_catalog(
         tmp_path / "catalog.yaml", request.param == "example")).load()
@@ -389,6 +390,73 @@ def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pyt
         assert cache.entries[key] is entry, "the entry was dropped to be rebuilt"
         assert entry.replies is not orders and len(entry.replies) == 16
         assert entry.turn - entry.start < REBUILD_AFTER
+    finally:
+        loop.run(server.stop(drain=0.1))
+        loop.close()
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_an_entry_is_rebuilt_at_most_once_per_rebuild_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pure: bool) -> None:
+    """Past REBUILD_AFTER hits an entry gets fresh orders, but not again within
+    REBUILD_SECONDS of that: its count starts over and the orders it has are served (a hot
+    name's rebuilds are steps of ~125 us between packets, and every query arriving
+    meanwhile waits); once REBUILD_SECONDS have passed, the next crossing rebuilds it."""
+    monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
+    monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
+    monkeypatch.setattr(meshdns.responder, "REBUILD_SECONDS", 1.0)
+    if pure:
+        monkeypatch.setenv(PURE_ENV, "1")
+    else:
+        monkeypatch.delenv(PURE_ENV, raising=False)
+    config = Config(listen=["127.0.0.1:0"], dns={"max_udp_size": 4096})
+    snapshot = FileSource(config, differential_catalog(tmp_path / "catalog.yaml")).load()
+    loop = LoopThread()
+
+    async def start() -> DnsServer:
+        server = DnsServer(config, StaticSource(snapshot))
+        server.publish(snapshot, EVERYTHING)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    try:
+        assert isinstance(server.transports[0], CompiledUdp) != pure
+        port = server.bound[0][1]
+        ask = [query("big.service.consul", "SRV", qid=i, edns=4096) for i in range(30)]
+        key = ask[0][2:]
+        cache = server.responder.udp_cache
+
+        def settled(what: str) -> tuple[bytes, ...]:
+            deadline = time.monotonic() + 5
+            while (cache.entries[key].pending is not None or server.responder._refresh
+                   ) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            entry = cache.entries[key]
+            assert entry.pending is None and not server.responder._refresh, what
+            assert len(entry.replies) == 16, what
+            return entry.replies
+
+        exchange(loop, port, ask[:2], 2)  # stored, then every order
+        expanded = settled("the second ask")
+        started = time.monotonic()
+        exchange(loop, port, ask, 30)
+        exchange(loop, port, ask, 30)  # past REBUILD_AFTER (40) hits: rebuilt
+        first = settled("the first rebuild")
+        assert first is not expanded, "not rebuilt after REBUILD_AFTER hits"
+        for _ in range(3):  # 90 hits more, two crossings, within the second: kept
+            exchange(loop, port, ask, 30)
+        assert time.monotonic() - started < 1.0, "too slow to tell (the machine is loaded)"
+        assert settled("hits within REBUILD_SECONDS") is first, "rebuilt twice in a second"
+        entry = cache.entries[key]
+        assert entry.turn - entry.start < REBUILD_AFTER, "its count did not start over"
+        time.sleep(1.1)
+        for _ in range(2):  # past REBUILD_SECONDS: the next crossing rebuilds it
+            exchange(loop, port, ask, 30)
+        again = settled("the crossing after REBUILD_SECONDS")
+        assert again is not first, "not rebuilt once REBUILD_SECONDS had passed"
+        for reply in exchange(loop, port, ask, 30):
+            assert len(records(reply)[0]) == 30
     finally:
         loop.run(server.stop(drain=0.1))
         loop.close()
