@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,6 +380,44 @@ def settle(pid: int, quiet: float = 0.002, window: float = 0.25, limit: float = 
         last = now
 
 
+def _rounds(rounds: int, names: list[str], wl: Workload, files: srv.ZoneFiles,
+            probes: list[zonemod.Probe], opts: srv.Options, workdir: Path, label: str,
+            one: Callable[[str, srv.Running, Path], float | None]) -> dict[str, list]:
+    """``one(name, server, run_dir)`` on a fresh server of each of ``names``, back to back,
+    ``rounds`` times: each server's figures, None where a pass failed."""
+    ready = probes[-1] if wl.zone == "cold" else probes[0]
+    figures: dict[str, list[float | None]] = {n: [] for n in names}
+    for round_no in range(rounds):
+        for name in names:
+            run_dir = workdir / label.replace(" ", "-") / f"{name}-{wl.name}-{round_no}"
+            running = srv.start(name, files, run_dir, opts, ready)
+            try:
+                figures[name].append(one(name, running, run_dir))
+            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
+                print(f"bench: {label} {name} {wl.name} round {round_no}: {exc}", flush=True)
+                figures[name].append(None)
+            finally:
+                running.stop()
+    return figures
+
+
+def _medians(figures: dict[str, list], digits: int) -> tuple[dict, dict]:
+    """The median of each server's figures, and of the rounds' ratios meshdns / each peer."""
+    medians, ratios = {}, {}
+    for name, values in figures.items():
+        got = [v for v in values if v is not None]
+        if got:
+            medians[name] = round(statistics.median(got), digits)
+    mesh = figures.get("meshdns", [])
+    for peer, values in figures.items():
+        if peer == "meshdns":
+            continue
+        pairs = [m / o for m, o in zip(mesh, values) if m is not None and o]
+        if pairs:
+            ratios[peer] = round(statistics.median(pairs), 3)
+    return medians, ratios
+
+
 def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
                probes: list[zonemod.Probe], opts: srv.Options, workdir: Path) -> dict:
     """``cpu_pass`` again, meshdns and each peer back to back in every round, a fresh server
@@ -386,37 +425,17 @@ def paired_cpu(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile
     over minutes (a VM's neighbours), and a ratio from two passes seconds apart is far
     steadier than one from passes minutes apart. The median over rounds of each server's
     µs/query and of each ratio meshdns / peer."""
-    ready = probes[-1] if wl.zone == "cold" else probes[0]
-    figures: dict[str, list[float | None]] = {n: [] for n in names}
-    for round_no in range(args.paired):
-        for name in names:
-            run_dir = workdir / "paired" / f"{name}-{wl.name}-{round_no}"
-            running = srv.start(name, files, run_dir, opts, ready)
-            try:
-                if not wl.once:  # a hot pass measures a warm cache
-                    dnsperf(args, running.port, qfile, wl, min(args.cpu_seconds, 2.0),
-                            run_dir / "warm.txt", rate=args.cpu_rate)
-                figures[name].append(cpu_pass(args, running, qfile, wl,
-                                              run_dir / "cpu.txt")["cpu_us"])
-            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
-                print(f"bench: paired {name} {wl.name} round {round_no}: {exc}", flush=True)
-                figures[name].append(None)
-            finally:
-                running.stop()
-    out: dict = {"rounds": args.paired, "us_per_query": figures, "median_us": {},
-                 "ratio_median": {}}
-    for name, values in figures.items():
-        got = [v for v in values if v is not None]
-        if got:
-            out["median_us"][name] = round(statistics.median(got), 2)
-    mesh = figures.get("meshdns", [])
-    for peer in names:
-        if peer == "meshdns":
-            continue
-        pairs = [m / o for m, o in zip(mesh, figures[peer]) if m is not None and o]
-        if pairs:
-            out["ratio_median"][peer] = round(statistics.median(pairs), 3)
-    return out
+
+    def one(name: str, running: srv.Running, run_dir: Path) -> float | None:
+        if not wl.once:  # a hot pass measures a warm cache
+            dnsperf(args, running.port, qfile, wl, min(args.cpu_seconds, 2.0),
+                    run_dir / "warm.txt", rate=args.cpu_rate)
+        return cpu_pass(args, running, qfile, wl, run_dir / "cpu.txt")["cpu_us"]
+
+    figures = _rounds(args.paired, names, wl, files, probes, opts, workdir, "paired", one)
+    medians, ratios = _medians(figures, 2)
+    return {"rounds": args.paired, "us_per_query": figures, "median_us": medians,
+            "ratio_median": ratios}
 
 
 def paired_p99(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile: Path,
@@ -428,39 +447,19 @@ def paired_p99(args, names: list[str], wl: Workload, files: srv.ZoneFiles, qfile
     moves by tens of percent between runs, more than the gap between two servers, so one
     pass each cannot say which is lower. The median over rounds of each server's p99 and of
     each round's ratio meshdns / peer."""
-    ready = probes[-1] if wl.zone == "cold" else probes[0]
-    figures: dict[str, list[float | None]] = {n: [] for n in names}
-    for round_no in range(args.paired_p99):
-        for name in names:
-            run_dir = workdir / "paired-p99" / f"{name}-{wl.name}-{round_no}"
-            running = srv.start(name, files, run_dir, opts, ready)
-            try:
-                if not wl.once:
-                    dnsperf(args, running.port, qfile, wl, 2.0, run_dir / "warm.txt",
-                            rate=rates[name])
-                settle(running.pid)
-                got = latency_pass(args, running, qfile, wl, rates[name],
-                                   run_dir / "latency.txt")
-                figures[name].append(got["p99_ms"])
-            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
-                print(f"bench: paired p99 {name} {wl.name} round {round_no}: {exc}", flush=True)
-                figures[name].append(None)
-            finally:
-                running.stop()
-    out: dict = {"rounds": args.paired_p99, "rates": {n: rates[n] for n in names},
-                 "p99_ms": figures, "median_ms": {}, "ratio_median": {}}
-    for name, values in figures.items():
-        got = [v for v in values if v is not None]
-        if got:
-            out["median_ms"][name] = round(statistics.median(got), 3)
-    mesh = figures.get("meshdns", [])
-    for peer in names:
-        if peer == "meshdns":
-            continue
-        pairs = [m / o for m, o in zip(mesh, figures[peer]) if m is not None and o]
-        if pairs:
-            out["ratio_median"][peer] = round(statistics.median(pairs), 3)
-    return out
+
+    def one(name: str, running: srv.Running, run_dir: Path) -> float | None:
+        if not wl.once:
+            dnsperf(args, running.port, qfile, wl, 2.0, run_dir / "warm.txt", rate=rates[name])
+        settle(running.pid)
+        return latency_pass(args, running, qfile, wl, rates[name], run_dir / "latency.txt")[
+            "p99_ms"]
+
+    figures = _rounds(args.paired_p99, names, wl, files, probes, opts, workdir, "paired p99",
+                      one)
+    medians, ratios = _medians(figures, 3)
+    return {"rounds": args.paired_p99, "rates": {n: rates[n] for n in names},
+            "p99_ms": figures, "median_ms": medians, "ratio_median": ratios}
 
 
 def measure(

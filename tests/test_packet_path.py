@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -330,13 +331,12 @@ def records(reply: bytes) -> tuple[list[str], list[str]]:
             sorted(rr.to_text() for rrset in msg.additional for rr in rrset))
 
 
-@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
-def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                pure: bool) -> None:
-    """A reply asked a second time gets its other answer orders, and one hit REBUILD_AFTER
-    times fresh ones, made by the server between packets (16 orders of a 30-record SRV reply
-    take milliseconds: not on the spot): meanwhile the orders made so far are served, the
-    entry is never dropped, and every reply holds the same records."""
+@contextlib.contextmanager
+def orders_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pure: bool
+                  ) -> Iterator[tuple[LoopThread, DnsServer, int]]:
+    """A server on the differential catalog (``big``: a 30-instance service), on the compiled
+    or the pure path, making answer orders between packets as it does in production; REBUILD_AFTER
+    lowered: (its loop, the server, its UDP port)."""
     monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
     monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
     if pure:
@@ -356,7 +356,20 @@ def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pyt
     server = loop.run(start())
     try:
         assert isinstance(server.transports[0], CompiledUdp) != pure
-        port = server.bound[0][1]
+        yield loop, server, server.bound[0][1]
+    finally:
+        loop.run(server.stop(drain=0.1))
+        loop.close()
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                pure: bool) -> None:
+    """A reply asked a second time gets its other answer orders, and one hit REBUILD_AFTER
+    times fresh ones, made by the server between packets (16 orders of a 30-record SRV reply
+    take milliseconds: not on the spot): meanwhile the orders made so far are served, the
+    entry is never dropped, and every reply holds the same records."""
+    with orders_server(tmp_path, monkeypatch, pure) as (loop, server, port):
         ask = [query("big.service.consul", "SRV", qid=i, edns=4096) for i in range(30)]
         key = ask[0][2:]
         cache = server.responder.udp_cache
@@ -390,9 +403,6 @@ def test_answer_orders_are_made_between_packets(tmp_path: Path, monkeypatch: pyt
         assert cache.entries[key] is entry, "the entry was dropped to be rebuilt"
         assert entry.replies is not orders and len(entry.replies) == 16
         assert entry.turn - entry.start < REBUILD_AFTER
-    finally:
-        loop.run(server.stop(drain=0.1))
-        loop.close()
 
 
 @pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
@@ -402,27 +412,8 @@ def test_an_entry_is_rebuilt_at_most_once_per_rebuild_seconds(
     REBUILD_SECONDS of that: its count starts over and the orders it has are served (a hot
     name's rebuilds are steps of ~125 us between packets, and every query arriving
     meanwhile waits); once REBUILD_SECONDS have passed, the next crossing rebuilds it."""
-    monkeypatch.setattr(meshdns.server, "REBUILD_AFTER", REBUILD_AFTER)
-    monkeypatch.setattr(meshdns.responder, "REBUILD_AFTER", REBUILD_AFTER)
     monkeypatch.setattr(meshdns.responder, "REBUILD_SECONDS", 1.0)
-    if pure:
-        monkeypatch.setenv(PURE_ENV, "1")
-    else:
-        monkeypatch.delenv(PURE_ENV, raising=False)
-    config = Config(listen=["127.0.0.1:0"], dns={"max_udp_size": 4096})
-    snapshot = FileSource(config, differential_catalog(tmp_path / "catalog.yaml")).load()
-    loop = LoopThread()
-
-    async def start() -> DnsServer:
-        server = DnsServer(config, StaticSource(snapshot))
-        server.publish(snapshot, EVERYTHING)
-        await server.start()
-        return server
-
-    server = loop.run(start())
-    try:
-        assert isinstance(server.transports[0], CompiledUdp) != pure
-        port = server.bound[0][1]
+    with orders_server(tmp_path, monkeypatch, pure) as (loop, server, port):
         ask = [query("big.service.consul", "SRV", qid=i, edns=4096) for i in range(30)]
         key = ask[0][2:]
         cache = server.responder.udp_cache
@@ -457,9 +448,6 @@ def test_an_entry_is_rebuilt_at_most_once_per_rebuild_seconds(
         assert again is not first, "not rebuilt once REBUILD_SECONDS had passed"
         for reply in exchange(loop, port, ask, 30):
             assert len(records(reply)[0]) == 30
-    finally:
-        loop.run(server.stop(drain=0.1))
-        loop.close()
 
 
 # --- a full send buffer -----------------------------------------------------------------------
