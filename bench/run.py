@@ -336,6 +336,9 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
     used = server_cpu(running.pid)
     stats = dnsperf(args, running.port, qfile, wl, seconds, out, rate=rate)
     used = server_cpu(running.pid) - used
+    ticks = srv.cpu_seconds(running.pid) - before[1]
+    if used < ticks - 2 / srv.CLK_TCK:  # a thread that ended took its schedstat with it
+        used = ticks
     background = _cpu_since(before, running.pid)[2]
     completed = int(stats.get("completed", 0))
     return {
@@ -384,20 +387,24 @@ def _rounds(rounds: int, names: list[str], wl: Workload, files: srv.ZoneFiles,
             probes: list[zonemod.Probe], opts: srv.Options, workdir: Path, label: str,
             one: Callable[[str, srv.Running, Path], float | None]) -> dict[str, list]:
     """``one(name, server, run_dir)`` on a fresh server of each of ``names``, back to back,
-    ``rounds`` times: each server's figures, None where a pass failed."""
+    ``rounds`` times (in reverse order every other round): each server's figures, None where
+    a pass failed."""
     ready = probes[-1] if wl.zone == "cold" else probes[0]
     figures: dict[str, list[float | None]] = {n: [] for n in names}
     for round_no in range(rounds):
-        for name in names:
+        # every other round the other way round: no server always goes first
+        for name in names if round_no % 2 == 0 else names[::-1]:
             run_dir = workdir / label.replace(" ", "-") / f"{name}-{wl.name}-{round_no}"
-            running = srv.start(name, files, run_dir, opts, ready)
+            running = None
             try:
+                running = srv.start(name, files, run_dir, opts, ready)
                 figures[name].append(one(name, running, run_dir))
-            except Exception as exc:  # noqa: BLE001 - a failed pass leaves a gap, not the run
+            except Exception as exc:  # noqa: BLE001 - a failed pass (or start) leaves a gap
                 print(f"bench: {label} {name} {wl.name} round {round_no}: {exc}", flush=True)
                 figures[name].append(None)
             finally:
-                running.stop()
+                if running is not None:
+                    running.stop()
     return figures
 
 
