@@ -306,13 +306,10 @@ def _cpu_since(before: tuple[float, float, float, float], pid: int) -> tuple[flo
 
 def server_cpu(pid: int) -> float:
     """CPU seconds of the server's process tree: the scheduler's nanoseconds for the live
-    tasks (``tree_runtime``) plus the reaped children's ticks (dnsmasq forks per TCP client);
-    /proc's whole ticks alone where schedstat reads 0 (a kernel without it). A 10 ms tick is
-    ~2% of a cold pass's 0.5 s, enough to tip a ratio over a target."""
-    live = tree_runtime(pid)
-    if live <= 0:
-        return srv.cpu_seconds(pid)
-    return live + srv.reaped_cpu_seconds(pid)
+    tasks (``tree_runtime``) plus the reaped children's ticks (dnsmasq forks per TCP client).
+    A 10 ms tick is ~2% of a cold pass's 0.5 s, enough to tip a ratio over a target;
+    ``cpu_pass`` falls back to the ticks where this reads less than they do."""
+    return tree_runtime(pid) + srv.reaped_cpu_seconds(pid)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -337,7 +334,7 @@ def cpu_pass(args, running: srv.Running, qfile: Path, wl: Workload, out: Path) -
     stats = dnsperf(args, running.port, qfile, wl, seconds, out, rate=rate)
     used = server_cpu(running.pid) - used
     ticks = srv.cpu_seconds(running.pid) - before[1]
-    if used < ticks - 2 / srv.CLK_TCK:  # a thread that ended took its schedstat with it
+    if used < ticks - 2 / srv.CLK_TCK:  # no schedstat, or a thread that ended took its own
         used = ticks
     background = _cpu_since(before, running.pid)[2]
     completed = int(stats.get("completed", 0))
@@ -669,6 +666,24 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def print_paired(title: str, results: dict[str, dict], values: str, median: str, unit: str,
+                 fmt: str, width: int) -> None:
+    """A paired pass's figures by workload: each server's median and rounds (and its rate,
+    where the pass had one per server), then the median ratio to each peer."""
+    if not results:
+        return
+    print("\n" + title)
+    for wl_name, got in results.items():
+        per, rates = got[values], got.get("rates", {})
+        print(f"  {wl_name:{width}} " + "; ".join(
+            f"{n} {got[median].get(n, '-')} {unit}"
+            + (f" at {rates[n]:,}/s" if n in rates else "")
+            + f" ({', '.join('-' if v is None else format(v, fmt) for v in per[n])})"
+            for n in per))
+        for peer, ratio in got["ratio_median"].items():
+            print(f"  {'':{width}} meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
+
+
 def _row(rows: list[Row], server: str, workload: str) -> Row | None:
     return next((r for r in rows if r.server == server and r.workload == workload
                  and not r.error), None)
@@ -697,25 +712,17 @@ def targets(rows: list[Row], paired: dict[str, dict] | None = None,
         out.append(f"  {'met ' if ok else 'MISS'} {label} vs {peer}: {a:,.2f} / {b:,.2f} = "
                    f"{ratio:.2f} ({'<=' if at_most else '>='} {limit:g})")
 
-    def check_paired(label: str, workload: str, peer: str, limit: float) -> None:
-        got = paired.get(workload, {})
+    def check_paired(label: str, workload: str, peer: str, limit: float,
+                     results: dict[str, dict] = paired, median: str = "median_us",
+                     unit: str = "µs") -> None:
+        got = results.get(workload, {})
         ratio = got.get("ratio_median", {}).get(peer)
         if ratio is None:
             return
-        mesh, other = got["median_us"].get("meshdns"), got["median_us"].get(peer)
+        mesh, other = got[median].get("meshdns"), got[median].get(peer)
         out.append(f"  {'met ' if ratio <= limit else 'MISS'} {label} vs {peer}, paired "
-                   f"({got['rounds']} rounds; medians {mesh} / {other} µs): median ratio "
+                   f"({got['rounds']} rounds; medians {mesh} / {other} {unit}): median ratio "
                    f"{ratio:.2f} (<= {limit:g})")
-
-    def check_paired_p99(workload: str, peer: str) -> None:
-        got = paired_lat.get(workload, {})
-        ratio = got.get("ratio_median", {}).get(peer)
-        if ratio is None:
-            return
-        mesh, other = got["median_ms"].get("meshdns"), got["median_ms"].get(peer)
-        out.append(f"  {'met ' if ratio <= 1.0 else 'MISS'} {workload} p99 at half rate vs "
-                   f"{peer}, paired ({got['rounds']} rounds; medians {mesh} / {other} ms): "
-                   f"median ratio {ratio:.2f} (<= 1)")
 
     for peer in PEERS:
         check("hot CPU µs/query at 40k q/s", "hot", peer, "cpu_us", 1.0, True)
@@ -726,7 +733,7 @@ def targets(rows: list[Row], paired: dict[str, dict] | None = None,
         check("hot saturating qps", "hot", peer, "qps", 0.95, False)
         for w in udp:
             check(f"{w} p99 at half rate (ms)", w, peer, "p99_ms", 1.0, True)
-            check_paired_p99(w, peer)
+            check_paired(f"{w} p99 at half rate", w, peer, 1.0, paired_lat, "median_ms", "ms")
     return out
 
 
@@ -1080,26 +1087,10 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     print()
     print(table(rows))
-    if paired:
-        print("\npaired CPU pass (a fresh server each, meshdns and the peers back to back "
-              "in each round; medians):")
-        for wl_name, got in paired.items():
-            per = got["us_per_query"]
-            print(f"  {wl_name:5} " + "; ".join(
-                f"{n} {got['median_us'].get(n, '-')} µs/q "
-                f"({', '.join('-' if v is None else f'{v:g}' for v in per[n])})" for n in per))
-            for peer, ratio in got["ratio_median"].items():
-                print(f"        meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
-    if paired_lat:
-        print("\npaired p99 pass (a fresh server each, back to back in each round, each at its "
-              "own half rate; medians):")
-        for wl_name, got in paired_lat.items():
-            per = got["p99_ms"]
-            print(f"  {wl_name:10} " + "; ".join(
-                f"{n} {got['median_ms'].get(n, '-')} ms at {got['rates'][n]:,}/s "
-                f"({', '.join('-' if v is None else f'{v:.3f}' for v in per[n])})" for n in per))
-            for peer, ratio in got["ratio_median"].items():
-                print(f"             meshdns / {peer}: median of the rounds' ratios {ratio:.3f}")
+    print_paired("paired CPU pass (a fresh server each, meshdns and the peers back to back in "
+                 "each round; medians):", paired, "us_per_query", "median_us", "µs/q", "g", 5)
+    print_paired("paired p99 pass (a fresh server each, back to back in each round, each at its "
+                 "own half rate; medians):", paired_lat, "p99_ms", "median_ms", "ms", ".3f", 10)
     notes = []
     for r in rows:
         for problem in r.check_problems:

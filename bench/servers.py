@@ -285,30 +285,29 @@ def _status_kb(pid: int, field_name: str) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
+def _tree_ticks(pid: int, first: int) -> float:
+    """Seconds of /proc/PID/stat's CPU fields from ``first`` (of utime, stime, cutime, cstime:
+    0 for all four, 2 for the reaped children's only) summed over the process tree."""
     total = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            # utime, stime, and cutime, cstime: reaped children (dnsmasq forks per TCP client)
-            total += sum(int(v) for v in fields[11:15])
+            total += sum(int(v) for v in fields[11 + first:15])
         except (OSError, IndexError, ValueError):
             continue
     return total / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of the tree, reaped children included (dnsmasq forks per TCP
+    client), in whole ticks."""
+    return _tree_ticks(pid, 0)
 
 
 def reaped_cpu_seconds(pid: int) -> float:
     """The CPU time of the tree's reaped children (cutime + cstime), in whole ticks."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[13]) + int(fields[14])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / CLK_TCK
+    return _tree_ticks(pid, 2)
 
 
 def system_busy_seconds() -> float:

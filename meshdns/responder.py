@@ -195,7 +195,7 @@ class Responder:
                 cache.expand(key, entry, self._all_orders(entry.pending, cache is self.tcp_cache,
                                                           cache.room_for(len(entry.replies[0]))))
             else:
-                self._queue_refresh(cache, key, entry)
+                self._queue_refresh((cache is self.tcp_cache, key), entry)
         elif turn - entry.start >= REBUILD_AFTER:  # fresh random orders now and then
             job = (cache is self.tcp_cache, key)
             if len(entry.replies) == 1 or job in self._rebuilt:  # one order; rebuilt lately
@@ -206,13 +206,13 @@ class Responder:
                     cache.pop(key)
                 else:
                     entry.start = turn
-                    self._queue_refresh(cache, key, entry)
+                    self._queue_refresh(job, entry)
         entry.turn = turn + 1
         replies = entry.replies
         return replies[turn % len(replies)]
 
-    def _queue_refresh(self, cache: ResponseCache, key: bytes, entry: Cached) -> None:
-        job = (cache is self.tcp_cache, key)
+    def _queue_refresh(self, job: tuple[bool, bytes], entry: Cached) -> None:
+        """Queue ``entry``'s orders for refresh_steps (``job``: (tcp, its key))."""
         if self._refresh.get(job) is not entry:  # (a job for an entry gone: replaced)
             self._refresh[job] = entry
         if not self.refreshing:
